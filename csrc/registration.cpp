@@ -1,0 +1,46 @@
+// Every schema of the `ppd` op library, in one place. CPU kernels register in csrc/cpu/*.cpp,
+// CUDA kernels in csrc/cuda/*.cu, against these strings; the Python side (ppd_engine/ops/*.py)
+// adds fake kernels (so torch.compile can trace) and autograd formulas.
+#include <torch/library.h>
+
+#ifndef PPD_NO_PYTHON
+#include <Python.h>
+// A bare module: importing ppd_engine._C loads the shared library, whose static initialisers
+// register the ops with the dispatcher. No pybind11 bindings are needed.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(ppd, m) {
+  // ---- ε-MSE and the Diffusion-DPO loss (csrc/*/dpo_loss.*) ----------------------------------
+  // Per-sample mean over all non-batch dims of (pred - target)^2, fp32 accumulation and output.
+  // ref_pred may be None (reference-free losses); its output is then an empty (0,) tensor.
+  m.def("paired_mse(Tensor model_pred, Tensor? ref_pred, Tensor target) -> (Tensor, Tensor)");
+  // d mse_i / d pred = grad_mse[i] * 2 (pred - target) / numel_per_sample, in pred's dtype.
+  m.def("mse_backward(Tensor grad_mse, Tensor pred, Tensor target) -> Tensor");
+  // Fused Diffusion-DPO: rows [0, B) are winners, [B, 2B) losers. Returns the scalar loss, the
+  // per-pair `inside` (B,), and per-sample model/ref MSE (2B,), all fp32.
+  m.def(
+      "dpo_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor? weight, float beta)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. model_pred from the saved `inside`: one elementwise pass.
+  m.def(
+      "dpo_loss_backward(Tensor grad_loss, Tensor inside, Tensor? weight, Tensor model_pred,"
+      " Tensor target, float beta) -> Tensor");
+
+  // ---- dual cross-attention (csrc/*/dual_attention.*) ------------------------------------------
+  // out = softmax(q k_text^T * s) v_text + user_scale[b] * softmax(q k_user^T * s) v_user.
+  // Layout (B, H, L, D). Returns out and the two log-sum-exp rows (B, H, Lq), fp32.
+  m.def(
+      "dual_cross_attention(Tensor q, Tensor k_text, Tensor v_text, Tensor k_user, Tensor v_user,"
+      " Tensor user_scale, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dual_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k_text, Tensor v_text,"
+      " Tensor k_user, Tensor v_user, Tensor user_scale, Tensor out, Tensor lse_text,"
+      " Tensor lse_user, float softmax_scale, bool text_grads)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,1 @@
+"""Custom ops of the `ppd` library: thin wrappers with shape checks, fake kernels and autograd."""

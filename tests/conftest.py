@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Keep the 2-core CI machine responsive and runs reproducible.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU (run bench/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
