@@ -41,7 +41,7 @@ ctest: install
 	cd build-cmake && ctest --output-on-failure
 
 bench: install
-	$(PY) -m bench.run_cpu
+	$(PY) -m bench.run_suite --device cpu
 
 clean:
 	rm -rf build build-cmake ppd_engine/_C*.so
