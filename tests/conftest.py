@@ -3,6 +3,11 @@ import os
 import pytest
 import torch
 
+# Tests never reach a model hub: every model is built from a config or saved into a temp folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 # Keep the 2-core CI machine responsive and runs reproducible.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

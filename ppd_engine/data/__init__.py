@@ -1,0 +1,1 @@
+"""Preference data: Pick-a-Pic v2 pairs, users and splits."""

@@ -1,0 +1,116 @@
+"""Small parquet files in the Pick-a-Pic v2 schema, with every kind of row `load_pairs` must handle.
+
+`write_pickapic_fixture(folder)` writes data/train-0000{0,1}-of-00002.parquet (small row groups, so
+the readers cross row-group and file boundaries) and returns the stats `load_pairs(folder)` must
+report with its defaults (min_pairs_per_user=4). Crafted content:
+
+  u101: 6 clean pairs + 2 ties               -> kept (6)
+  u102: 6 clean pairs, 1 of them has a truncated JPEG -> kept (5)
+  u103: 4 clean pairs                        -> kept (4, exactly the threshold)
+  u104: 3 clean pairs                        -> dropped, too few pairs
+  u105: 4 clean pairs, 2 with garbage bytes (1 row both images) -> 2 left -> dropped, too few pairs
+  u106: 1 are_different=False row, 1 has_label=False row, 1 labelled 0/0 -> nothing valid
+  extra users (optional): `extra_users` users with `pairs_per_extra_user` clean pairs each.
+
+Images are small JPEGs of varying size and aspect (e.g. 40x32, 32x48) with random content, so
+center-crop code and per-image SDXL time ids see different originals. Winners alternate between
+position 0 and 1 so "winner first" is exercised. Extra columns (model_0, model_1) that real
+shards carry are included and must be ignored.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+_SIZES = [(40, 32), (32, 48), (36, 36), (48, 40)]   # (width, height)
+
+
+def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    w, h = size
+    # Smooth random colour field + noise: decodes to a real picture, different for every image.
+    base = rng.uniform(0, 255, size=(1, 1, 3))
+    grad = np.linspace(0, 1, w)[None, :, None] * rng.uniform(-80, 80, size=(1, 1, 3))
+    arr = np.clip(base + grad + rng.normal(0, 20, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_pickapic_fixture(folder: str, seed: int = 0, extra_users: int = 0, pairs_per_extra_user: int = 6,
+                           row_group_size: int = 3) -> dict:
+    """Write the fixture parquet files under `folder`/data; returns the expected `load_pairs` stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    counter = [0]
+
+    def add(user: int, label_0: float = 1.0, are_different: bool = True, has_label: bool = True,
+            corrupt: tuple[bool, bool] = (False, False), caption: str | None = None):
+        k = counter[0]
+        counter[0] += 1
+        label_1 = 1.0 - label_0 if label_0 in (0.0, 1.0, 0.5) and has_label else label_0
+        jpgs = []
+        for j in range(2):
+            data = _jpeg(rng, _SIZES[(k + j) % len(_SIZES)])
+            if corrupt[j]:
+                # Alternate the two real failure modes: a truncated download and non-JPEG garbage.
+                data = data[: len(data) // 2] if k % 2 else b"\xff\xd8\xff\xe0 not really a jpeg"
+            jpgs.append(data)
+        uid0, uid1 = f"img-{k:04d}-a", f"img-{k:04d}-b"
+        best = uid0 if label_0 > label_1 else (uid1 if label_1 > label_0 else "")
+        rows.append(dict(caption=caption if caption is not None else f"a photo number {k} of the cat and dog",
+                         jpg_0=jpgs[0], jpg_1=jpgs[1], label_0=float(label_0), label_1=float(label_1),
+                         user_id=user, are_different=are_different, has_label=has_label,
+                         image_0_uid=uid0, image_1_uid=uid1, ranking_id=10_000 + k, best_image_uid=best,
+                         model_0="sdxl", model_1="sd2.1"))
+
+    for i in range(6):
+        add(101, label_0=float(i % 2))
+    add(101, label_0=0.5)
+    add(101, label_0=0.5)
+    for i in range(6):
+        add(102, label_0=float(i % 2), corrupt=(False, i == 2))
+    for i in range(4):
+        add(103, label_0=float((i + 1) % 2))
+    for i in range(3):
+        add(104, label_0=1.0)
+    for i, bad in enumerate([(True, False), (False, False), (True, True), (False, False)]):
+        add(105, label_0=float(i % 2), corrupt=bad)
+    add(106, are_different=False)
+    add(106, has_label=False, label_0=0.0)
+    add(106, label_0=0.0, caption="labelled but no preference")
+    rows[-1]["label_1"] = 0.0
+    for e in range(extra_users):
+        for i in range(pairs_per_extra_user):
+            add(200 + e, label_0=float((i + e) % 2))
+
+    # Interleave users across both files, as real shards do.
+    order = np.random.default_rng(seed + 1).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    data_dir = os.path.join(folder, "data")
+    os.makedirs(data_dir, exist_ok=True)
+    half = len(rows) // 2
+    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                        ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", pa.int64()),
+                        ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("image_0_uid", pa.string()),
+                        ("image_1_uid", pa.string()), ("ranking_id", pa.int64()), ("best_image_uid", pa.string()),
+                        ("model_0", pa.string()), ("model_1", pa.string())])
+    for f, part in enumerate([rows[:half], rows[half:]]):
+        table = pa.Table.from_pylist(part, schema=schema)
+        pq.write_table(table, os.path.join(data_dir, f"train-{f:05d}-of-00002.parquet"), row_group_size=row_group_size)
+
+    extra_pairs = extra_users * pairs_per_extra_user
+    extra_ok = extra_users if pairs_per_extra_user >= 4 else 0
+    return dict(rows=len(rows), kept=15 + extra_ok * pairs_per_extra_user, ties_dropped=2,
+                not_different_dropped=1, unlabeled_dropped=2, missing_fields_dropped=0,
+                corrupt_images=4, corrupt_rows_dropped=3,
+                pairs_dropped_few_pairs=3 + 2 + (extra_pairs if not extra_ok else 0),
+                pairs_dropped_max_users=0, users_total=6 - 1 + extra_users, users_kept=3 + extra_ok,
+                users_dropped_few_pairs=2 + (extra_users - extra_ok), users_dropped_max_users=0, files=2)
