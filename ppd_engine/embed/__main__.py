@@ -1,0 +1,113 @@
+"""python -m ppd_engine.embed: user embeddings from a VLM's chain-of-thought user profiles.
+
+Example (real model, GPU):
+  python -m ppd_engine.embed --data /data/pickapic_v2 --model llava-hf/llava-onevision-qwen2-7b-ov-hf \\
+      --out runs/users.safetensors --layers all --chunks 4 --batch-users 8 --compile --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .vlm import DEFAULT_MODEL, SMALL_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="python -m ppd_engine.embed",
+        description="Embed Pick-a-Pic users: for each user, a VLM reads N few-shot preference pairs, writes a "
+                    "chain-of-thought user profile, and the hidden state(s) of its final generated token are "
+                    "stored as the user's embedding. Rerunning with the same --out resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
+    p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet (e.g. train); default all")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"LLaVA-OneVision hub id or local folder (e.g. {SMALL_MODEL} on small machines)")
+    p.add_argument("--out", required=True, help="store path STORE.safetensors (+ STORE.json sidecar); appended to")
+    p.add_argument("--layers", choices=("last", "all"), default="last",
+                   help="last: final-layer state (1, D); all: one state per layer incl. the embedding output "
+                        "(num_layers + 1, D)")
+    p.add_argument("--shots", type=int, default=4, help="preference pairs per prompt (paper: 4)")
+    p.add_argument("--chunks", type=int, default=1,
+                   help="embeddings per user (K): disjoint groups of --shots pairs; the first group is the "
+                        "user's held-out few-shot split")
+    p.add_argument("--max-users", type=int, default=None, help="only the users with the most pairs")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (paper: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus truncation (paper: 1.0 = none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot split, chunking and sampling")
+    p.add_argument("--batch-users", type=int, default=4, help="prompts (user chunks) decoded together")
+    p.add_argument("--save-every", type=int, default=8,
+                   help="batches between store writes (each write rewrites the whole store; a crash loses at most "
+                        "this many batches, which a rerun redoes)")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decode step (fastest on GPU; first batch compiles)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per profile")
+    p.add_argument("--template", default=None, help="prompt template file (default: the packaged profile_prompt.txt)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ppd_engine.data.pickapic import load_pairs
+
+    from .generate import GenerationSettings, VLMGenerator
+    from .pipeline import embed_users, plan
+    from .prompt import ProfileTemplate
+    from .store import EmbeddingStore
+    from .vlm import default_device, load_vlm
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name, v in (("--shots", args.shots), ("--chunks", args.chunks), ("--batch-users", args.batch_users)):
+        if v < 1:
+            raise SystemExit(f"{name} must be >= 1, got {v}")
+    device = args.device or default_device()
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                                  temperature=args.temperature, top_p=args.top_p, compile=args.compile,
+                                  layers=args.layers)
+    template = ProfileTemplate(args.template)
+    store = EmbeddingStore(args.out)
+
+    pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, decode_images=False,
+                       split=args.split, progress=not args.quiet)
+    shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
+    items, plan_stats = plan(pairs.by_user(), shots, args.shots, args.chunks, args.seed, store)
+    print(f"{len(shots)} users with >= {args.shots} pairs; {len(items)} chunk(s) to embed "
+          f"({plan_stats['users_already_done']} users already in {args.out})")
+    stats = {"users_with_shots": len(shots), **plan_stats, "data": pairs.stats}
+    if items:
+        model, processor = load_vlm(args.model, device=device, dtype=dtype)
+        generator = VLMGenerator(model, processor, settings)
+        t0 = time.perf_counter()
+        stats.update(embed_users(items, generator, template, store, batch_users=args.batch_users, seed=args.seed,
+                                 model_id=args.model, save_every=args.save_every,
+                                 progress=not args.quiet))
+        stats["wall_seconds"] = time.perf_counter() - t0
+    print(summary(stats, store, args))
+    return stats
+
+
+def summary(stats: dict, store, args) -> str:
+    lines = [f"store {store.path}: {len(store)} users, embedding shape (T_in, Du) = {store.shape}"]
+    if "chunks_embedded" in stats:
+        lines.append(f"embedded {stats['chunks_embedded']} chunk(s) of {stats['users_embedded']} user(s) in "
+                     f"{stats['wall_seconds']:.1f} s; {stats['tokens_generated']} tokens generated, "
+                     f"{stats['tokens_per_s']:.1f} tokens/s, {stats['chunks_per_s']:.3f} chunks/s "
+                     f"({'compiled' if args.compile else 'eager'}, batch {args.batch_users})")
+        if stats["chunks_bad_images"]:
+            lines.append(f"skipped {stats['chunks_bad_images']} chunk(s) with undecodable images")
+    lines.append("data: " + json.dumps({k: v for k, v in stats["data"].items() if v}, sort_keys=True))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

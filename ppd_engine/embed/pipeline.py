@@ -1,0 +1,127 @@
+"""Users' few-shot pairs -> profile prompts -> batched generation -> the embedding store."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .generate import VLMGenerator
+from .prompt import ProfileTemplate
+from .store import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkItem:
+    user_id: str
+    chunk: int                 # index of this few-shot group among the user's embeddings
+    shots: list[Any]           # PairRecord-like: caption, image_w, image_l, uid_w, uid_l
+
+
+def _seed_for(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+def user_chunks(records: Sequence[Any], first: Sequence[Any], n_shots: int, k: int, seed: int,
+                user_id: str) -> list[list[Any]]:
+    """Up to `k` disjoint groups of `n_shots` pairs of one user, like the authors' chunking of a
+    user's pairs into 4-shot groups. Group 0 is `first` (the user's held-out few-shot pairs, so the
+    embedding the trainer uses by default never saw a training pair); the others come from the
+    remaining pairs, shuffled with a seed that depends only on (seed, user_id)."""
+    groups = [list(first)]
+    taken = {id(r) for r in first}
+    rest = [r for r in records if id(r) not in taken]
+    random.Random(_seed_for(seed, user_id)).shuffle(rest)
+    for i in range(0, len(rest) - n_shots + 1, n_shots):
+        if len(groups) >= k:
+            break
+        groups.append(rest[i:i + n_shots])
+    return groups[:k]
+
+
+def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: int, k: int, seed: int,
+         store: EmbeddingStore) -> tuple[list[WorkItem], dict]:
+    """Work items for every (user, chunk) the store does not hold yet (a rerun resumes)."""
+    items, done, partial = [], 0, 0
+    for user in sorted(shots):
+        have = store.get(user).shape[0] if user in store else 0
+        groups = user_chunks(by_user[user], shots[user], n_shots, k, seed, user)
+        todo = [WorkItem(user, c, g) for c, g in enumerate(groups) if c >= have]
+        if not todo:
+            done += 1
+        elif have:
+            partial += 1
+        items += todo
+    return items, {"users_already_done": done, "users_resumed": partial}
+
+
+def embed_users(items: list[WorkItem], generator: VLMGenerator, template: ProfileTemplate,
+                store: EmbeddingStore, *, batch_users: int, seed: int, model_id: str,
+                save_every: int = 8, progress: bool = True) -> dict:
+    """Generate profiles and embeddings for `items` in batches of `batch_users` rows and append
+    them to `store` every `save_every` batches and at the end (each save rewrites the whole file,
+    so saving after every batch would cost quadratic I/O on big runs; a crash loses at most the
+    unsaved batches, which a rerun redoes). Items whose images cannot be decoded are skipped and
+    counted. Returns counts and throughput."""
+    from tqdm.auto import tqdm
+
+    settings = generator.settings
+    stats = {"chunks_embedded": 0, "chunks_bad_images": 0, "tokens_generated": 0, "generate_seconds": 0.0}
+    users_seen: set[str] = set()
+    pad_to = batch_users if settings.compile else None
+    pending: list = []
+    bar = tqdm(total=len(items), desc="embed", unit="chunk", disable=not progress)
+    for start in range(0, len(items), batch_users):
+        batch = items[start:start + batch_users]
+        prompts, ok = [], []
+        for it in batch:
+            try:
+                prompts.append(template.render(it.shots))
+                ok.append(it)
+            except ValueError as e:
+                stats["chunks_bad_images"] += 1
+                log.warning("skipping user %s chunk %d: %s", it.user_id, it.chunk, e)
+        bar.update(len(batch) - len(ok))
+        if not ok:
+            continue
+        # Rows of a batch share one sampling stream, so the seed is tied to the batch's first row.
+        sample_seed = _seed_for(seed, f"{ok[0].user_id}/{ok[0].chunk}")
+        t0 = time.perf_counter()
+        out = generator.generate(prompts, seed=sample_seed, pad_batch_to=pad_to)
+        stats["generate_seconds"] += time.perf_counter() - t0
+        stats["tokens_generated"] += sum(len(t) for t in out.tokens)
+        per_user: dict[str, list[int]] = {}
+        for row, it in enumerate(ok):
+            per_user.setdefault(it.user_id, []).append(row)
+        for user, rows in per_user.items():
+            chunks = [{
+                "chunk": ok[r].chunk,
+                "profile": out.texts[r],
+                "generated_tokens": len(out.tokens[r]),
+                "prompt_tokens": out.prompt_lengths[r],
+                "sample_seed": None if settings.greedy else sample_seed,
+                "shots": [{"uid_w": s.uid_w, "uid_l": s.uid_l, "caption": s.caption,
+                           "ranking_id": getattr(s, "ranking_id", None)} for s in ok[r].shots],
+            } for r in rows]
+            meta = {"model": model_id, "prompt_sha256": template.sha256, "template": template.path,
+                    "generation": settings.as_meta(), "chunks": chunks}
+            pending.append((user, out.states[rows], meta))
+            users_seen.add(user)
+        if (start // batch_users + 1) % max(1, save_every) == 0:
+            store.append_many(pending)
+            pending = []
+        stats["chunks_embedded"] += len(ok)
+        bar.update(len(ok))
+        bar.set_postfix(tok_s=f"{stats['tokens_generated'] / max(stats['generate_seconds'], 1e-9):.1f}")
+    if pending:
+        store.append_many(pending)
+    bar.close()
+    secs = stats["generate_seconds"]
+    stats["users_embedded"] = len(users_seen)
+    stats["tokens_per_s"] = stats["tokens_generated"] / secs if secs else 0.0
+    stats["chunks_per_s"] = stats["chunks_embedded"] / secs if secs else 0.0
+    return stats

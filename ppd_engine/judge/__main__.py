@@ -1,0 +1,187 @@
+"""python -m ppd_engine.judge: predict which image a user prefers, with order consistency.
+
+Modes:
+  agreement  on held-out labelled Pick-a-Pic pairs: how often the judge's consistent answers agree
+             with the user's real choice (paper: 83% with GPT-4o-mini).
+  winrate    between two sets of images per user listed in a JSONL manifest, one line per pair:
+             {"user_id": ..., "caption": ..., "image_a": PATH, "image_b": PATH} (paths relative to
+             the manifest's folder).
+
+Examples:
+  PPD_JUDGE_API_KEY=... python -m ppd_engine.judge agreement --data /data/pickapic_v2 --split validation \\
+      --backend http --model gpt-4o-mini --max-users 100 --out judge_agreement.json
+  python -m ppd_engine.judge winrate --data /data/pickapic_v2 --manifest eval/pairs.jsonl \\
+      --backend local --model llava-hf/llava-onevision-qwen2-7b-ov-hf --dtype bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import tempfile
+
+from .backends import ENV_API_KEY, ENV_BASE_URL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ppd_engine.judge", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("mode", choices=("agreement", "winrate"), help="see the module docstring / README")
+    p.add_argument("--data", required=True, help="Pick-a-Pic parquet folder holding each user's few-shot pairs")
+    p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet")
+    p.add_argument("--manifest", default=None, help="winrate: JSONL of {user_id, caption, image_a, image_b}")
+    p.add_argument("--backend", choices=("local", "http"), default="local",
+                   help=f"local: transformers VLM; http: OpenAI-compatible endpoint (${ENV_BASE_URL}, ${ENV_API_KEY})")
+    p.add_argument("--model", required=True, help="local: hub id or folder; http: the endpoint's model name")
+    p.add_argument("--shots", type=int, default=4, help="few-shot pairs shown per user")
+    p.add_argument("--max-users", type=int, default=None, help="agreement: only the users with the most pairs")
+    p.add_argument("--queries-per-user", type=int, default=4, help="agreement: held-out pairs judged per user")
+    p.add_argument("--seed", type=int, default=0, help="few-shot split, query choice, A/B placement and sampling")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus truncation (paper: 1.0 = none)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="answer budget (chain of thought + prediction)")
+    p.add_argument("--batch", type=int, default=4, help="local: prompts decoded together")
+    p.add_argument("--timeout", type=float, default=120.0, help="http: seconds per request")
+    p.add_argument("--max-retries", type=int, default=5, help="http: retries on 429/5xx/timeouts")
+    p.add_argument("--workers", type=int, default=4, help="http: requests in flight at once")
+    p.add_argument("--template", default=None, help="prompt template (default: ppd_engine/embed/profile_prompt.txt)")
+    p.add_argument("--device", default=None, help="local: cuda / cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="local: bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--out", default=None, help="write the results JSON here (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def make_backend(args):
+    from .backends import make_backend as make
+
+    return make(args.backend, args.model, device=args.device, dtype=args.dtype, temperature=args.temperature,
+                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, timeout=args.timeout,
+                max_retries=args.max_retries, workers=args.workers)
+
+
+def run_agreement(judge, pairs, args) -> dict:
+    from tqdm.auto import tqdm
+
+    shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
+    by_user = pairs.by_user()
+    rng = random.Random(args.seed)
+    queries = []  # (user, shots, image_a, image_b, caption, winner_is_a)
+    for user in sorted(shots):
+        held = {id(r) for r in shots[user]}
+        rest = [r for r in by_user[user] if id(r) not in held]
+        for r in rng.sample(rest, min(args.queries_per_user, len(rest))):
+            a_wins = rng.random() < 0.5  # the winner's position is random, so position bias cannot score
+            a, b = (r.image_w, r.image_l) if a_wins else (r.image_l, r.image_w)
+            queries.append((user, shots[user], a, b, r.caption, a_wins))
+    totals = {"queries": 0, "consistent": 0, "dropped": 0, "correct": 0}
+    per_user: dict[str, dict] = {}
+    for q in tqdm(queries, desc="judge", unit="pair", disable=args.quiet):
+        user, sh, a, b, caption, a_wins = q
+        try:
+            res = judge.compare(sh, a, b, caption)
+        except ValueError as e:  # undecodable image in this query: skip it, keep going
+            logging.warning("skipping a query of user %s: %s", user, e)
+            totals["dropped"] += 1
+            continue
+        u = per_user.setdefault(user, {"queries": 0, "consistent": 0, "correct": 0})
+        for d in (totals, u):
+            d["queries"] += 1
+            if res.consistent:
+                d["consistent"] += 1
+                d["correct"] += int((res.choice == 0) == a_wins)
+        totals["dropped"] += int(not res.consistent)
+    totals["agreement"] = totals["correct"] / totals["consistent"] if totals["consistent"] else None
+    return {"mode": "agreement", **totals, "users": len(per_user), "per_user": per_user}
+
+
+def run_winrate(judge, pairs, args) -> dict:
+    from tqdm.auto import tqdm
+
+    from ppd_engine.embed.prompt import as_pil
+
+    if not args.manifest:
+        raise SystemExit("winrate needs --manifest FILE.jsonl")
+    root = os.path.dirname(os.path.abspath(args.manifest))
+    rows, bad = [], 0
+    with open(args.manifest, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append((str(row["user_id"]), row["caption"], row["image_a"], row["image_b"]))
+            except (ValueError, KeyError) as e:
+                bad += 1
+                logging.warning("%s line %d skipped (need user_id, caption, image_a, image_b): %s", args.manifest, n, e)
+    shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
+    per_user: dict[str, dict] = {}
+    totals = {"wins_a": 0, "wins_b": 0, "dropped": 0, "skipped_no_shots": 0, "skipped_bad_rows": bad}
+    for user, caption, pa, pb in tqdm(rows, desc="judge", unit="pair", disable=args.quiet):
+        if user not in shots:
+            totals["skipped_no_shots"] += 1
+            continue
+        try:
+            a, b = (as_pil(_read(os.path.join(root, x)), x) for x in (pa, pb))
+        except (OSError, ValueError) as e:
+            logging.warning("skipping a pair of user %s: %s", user, e)
+            totals["skipped_bad_rows"] += 1
+            continue
+        wr = judge.winrate(shots[user], [a], [b], [caption])
+        u = per_user.setdefault(user, {"wins_a": 0, "wins_b": 0, "dropped": 0})
+        for d in (totals, u):
+            d["wins_a"] += wr.wins_a
+            d["wins_b"] += wr.wins_b
+            d["dropped"] += wr.dropped
+    judged = totals["wins_a"] + totals["wins_b"]
+    totals["win_rate_a"] = totals["wins_a"] / judged if judged else None
+    return {"mode": "winrate", **totals, "users": len(per_user), "per_user": per_user}
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ppd_engine.data.pickapic import load_pairs
+
+    from .core import Judge
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users,
+                       decode_images=False, split=args.split, progress=not args.quiet)
+    backend = make_backend(args)
+    judge = Judge(backend, template=args.template, seed=args.seed)
+    result = run_agreement(judge, pairs, args) if args.mode == "agreement" else run_winrate(judge, pairs, args)
+    result.update(backend=args.backend, model=args.model, prompt_sha256=judge.template.sha256,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if hasattr(backend, "stats"):
+        result["http"] = dict(backend.stats)
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+    print(summary(result))
+    return result
+
+
+def summary(r: dict) -> str:
+    if r["mode"] == "agreement":
+        agr = "n/a" if r["agreement"] is None else f"{r['agreement']:.3f}"
+        return (f"agreement {agr} over {r['consistent']} consistent judgements of {r['queries']} pairs "
+                f"({r['users']} users); dropped {r['dropped']} inconsistent/malformed")
+    wr = "n/a" if r["win_rate_a"] is None else f"{r['win_rate_a']:.3f}"
+    return (f"win rate of A {wr}: A {r['wins_a']} / B {r['wins_b']} over {r['users']} users; dropped "
+            f"{r['dropped']} inconsistent/malformed, skipped {r['skipped_no_shots']} (user without shots) + "
+            f"{r['skipped_bad_rows']} (bad rows)")
+
+
+if __name__ == "__main__":
+    main()
