@@ -1,0 +1,277 @@
+"""`python -m ppd_engine.eval {generate,score,run,sweep}`: PPD evaluation from the command line.
+
+  generate  sample every checkpoint for every user on a prompt set (same seeds) -> OUT/<ckpt>/<user>/<i>.png
+  score     score OUT's images with reward models (and optionally a VLM judge) -> results.json, report.md
+  run       generate, then score
+  sweep     pick the best-β run by its mean validation reward -> sweep.json, sweep.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .rewards import (AESTHETIC_CLIP, CLIP_MODEL, HPSV2_ARCH, HPSV2_REPO, PICKSCORE_MODEL,
+                      REWARD_NAMES, load_reward)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> None:
+    g = p.add_argument_group("generation")
+    if checkpoints:
+        g.add_argument("--checkpoint", action="append", default=[], metavar="NAME=RUN_DIR",
+                       help="a training run folder to evaluate (its latest checkpoint), optionally "
+                            "named; repeat for each checkpoint (e.g. --checkpoint ppd=runs/ppd "
+                            "--checkpoint dpo=runs/dpo). The first listed is 'first' in win rates.")
+        g.add_argument("--no-user", action="append", default=[], metavar="NAME",
+                       help="a checkpoint trained non-personalized (the Diffusion-DPO baseline): "
+                            "sample it with the zero user embedding it was trained with; repeatable")
+    g.add_argument("--store", required=True,
+                   help="user-embedding store (.safetensors written by python -m ppd_engine.embed)")
+    g.add_argument("--users", nargs="+", default=None, metavar="USER",
+                   help="user ids to evaluate (default: the store's users, see --num-users)")
+    g.add_argument("--num-users", type=int, default=None,
+                   help="evaluate the first N users of the store (default: all)")
+    g.add_argument("--embed-index", type=int, default=0,
+                   help="which of a user's K stored few-shot embeddings conditions sampling (default 0)")
+    g.add_argument("--prompts", default="parti",
+                   help="'parti' (PartiPrompts, 1632, shipped), 'pickapic' (validation_unique captions, "
+                        "needs --pickapic-dir), or a .tsv (Prompt column) / .txt (one per line) file")
+    g.add_argument("--pickapic-dir", default=None,
+                   help="folder of Pick-a-Pic parquet files; files under a 'validation_unique' path "
+                        "are used when present")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of prompt i is SEED + i, for every checkpoint and user (default 0)")
+    g.add_argument("--gen-batch-size", type=int, default=4, help="images per sampler call (default 4)")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    g.add_argument("--guidance", type=float, default=5.0, help="text classifier-free guidance (default 5)")
+    g.add_argument("--user-guidance", type=float, default=0.0,
+                   help="extra guidance over the user embedding (default 0 = off)")
+    g.add_argument("--user-scale", type=float, default=1.0,
+                   help="scale s of the user cross-attention branch (default 1)")
+
+
+def _reward_args(p: argparse.ArgumentParser, single: bool = False) -> None:
+    g = p.add_argument_group("reward models")
+    if single:
+        g.add_argument("--reward", default="pickscore", choices=REWARD_NAMES,
+                       help="reward that ranks the runs (default pickscore, as in the paper)")
+    else:
+        g.add_argument("--rewards", default="pickscore",
+                       help=f"comma-separated reward models from {', '.join(REWARD_NAMES)} "
+                            "(default pickscore); 'none' = judge only")
+    g.add_argument("--pickscore-model", default=PICKSCORE_MODEL,
+                   help=f"PickScore CLIP folder or hub id (default {PICKSCORE_MODEL})")
+    g.add_argument("--pickscore-processor", default=None,
+                   help="CLIPProcessor folder/hub id for PickScore (default: the model's own, or "
+                        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K for the default model)")
+    g.add_argument("--clip-model", default=CLIP_MODEL,
+                   help=f"CLIP folder or hub id for the CLIP score (default {CLIP_MODEL})")
+    g.add_argument("--aesthetic-clip", default=AESTHETIC_CLIP,
+                   help=f"CLIP ViT-L/14 folder or hub id under the aesthetic MLP (default {AESTHETIC_CLIP})")
+    g.add_argument("--aesthetic-weights", default=None,
+                   help="LAION aesthetic MLP weights (.pth or .safetensors; e.g. "
+                        "sac+logos+ava1-l14-linearMSE.pth); required for 'aesthetic'")
+    g.add_argument("--hpsv2-checkpoint", default=HPSV2_REPO,
+                   help="HPSv2 checkpoint file, folder, open_clip folder, or hub id "
+                        f"(default {HPSV2_REPO}, file HPS_v2.1_compressed.pt); needs open_clip_torch")
+    g.add_argument("--hpsv2-arch", default=HPSV2_ARCH,
+                   help=f"open_clip architecture of an HPSv2 checkpoint file (default {HPSV2_ARCH})")
+    g.add_argument("--reward-batch-size", type=int, default=16, help="images per reward batch (default 16)")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="reward model dtype (default float32)")
+
+
+def _judge_args(p: argparse.ArgumentParser, with_store: bool) -> None:
+    g = p.add_argument_group("VLM judge (optional; skipped unless --judge is given)")
+    g.add_argument("--judge", default=None, choices=("local", "http"),
+                   help="judge backend (ppd_engine.judge): 'local' = a transformers VLM (LLaVA-OneVision, "
+                        "Qwen2-VL) named by --judge-model; 'http' = an OpenAI-compatible endpoint, URL and "
+                        "key from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY. Temperature 1.0, top_p 1.0; "
+                        "each pair is asked in both orders and kept only when the answers agree")
+    g.add_argument("--judge-model", default=None,
+                   help="judge VLM folder / hub id (local), or the endpoint's model name (http)")
+    g.add_argument("--judge-data", default=None,
+                   help="Pick-a-Pic parquet folder holding the users' few-shot pairs shown to the judge")
+    g.add_argument("--judge-split", default=None, help="only --judge-data files named SPLIT-*.parquet")
+    g.add_argument("--judge-shots", type=int, default=4, help="few-shot pairs shown per user (default 4)")
+    g.add_argument("--judge-seed", type=int, default=0,
+                   help="seed of the few-shot split (when the store did not record the shots) and of "
+                        "judge sampling (default 0)")
+    g.add_argument("--judge-batch", type=int, default=4, help="judge prompts per backend call (default 4)")
+    g.add_argument("--judge-max-new-tokens", type=int, default=1024,
+                   help="judge answer budget: chain of thought + prediction (default 1024)")
+    g.add_argument("--judge-template", default=None,
+                   help="prompt template (default: ppd_engine/embed/profile_prompt.txt)")
+    if with_store:
+        g.add_argument("--store", default=None,
+                       help="user-embedding store: the judge is shown the pairs recorded as the shots "
+                            "of the embedding used for sampling")
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (images, manifest.json, results.json, report.md)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device for sampling and scoring (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ppd_engine.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="sample every checkpoint for every user (same seeds)")
+    _common_args(gen)
+    _generation_args(gen)
+    sc = sub.add_parser("score", help="score OUT's images: reward models, VLM judge, report")
+    _common_args(sc)
+    _reward_args(sc)
+    _judge_args(sc, with_store=True)
+    run = sub.add_parser("run", help="generate, then score")
+    _common_args(run)
+    _generation_args(run)
+    _reward_args(run)
+    _judge_args(run, with_store=False)
+    sw = sub.add_parser("sweep", help="pick the best-β run by its mean validation reward")
+    _common_args(sw)
+    sw.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
+                    help="run folders trained with different β (β read from each config.yaml)")
+    _generation_args(sw, checkpoints=False)
+    _reward_args(sw, single=True)
+    return parser
+
+
+def _reward_names(args) -> list[str]:
+    if getattr(args, "reward", None):
+        return [args.reward]
+    if args.rewards.strip().lower() == "none":
+        return []
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    bad = [n for n in names if n not in REWARD_NAMES]
+    if bad:
+        raise SystemExit(f"--rewards: unknown {bad}; choose from {', '.join(REWARD_NAMES)}")
+    return names
+
+
+def _score_all(args, out: str, manifest: dict) -> dict:
+    from .evaluate import release_memory, score_images
+
+    scores = {}
+    for name in _reward_names(args):
+        reward = load_reward(name, pickscore_model=args.pickscore_model,
+                             pickscore_processor=args.pickscore_processor, clip_model=args.clip_model,
+                             aesthetic_clip=args.aesthetic_clip, aesthetic_weights=args.aesthetic_weights,
+                             hpsv2_checkpoint=args.hpsv2_checkpoint, hpsv2_arch=args.hpsv2_arch,
+                             batch_size=args.reward_batch_size, device=args.device, dtype=DTYPES[args.dtype])
+        scores[name] = score_images(out, manifest, reward, progress=not args.no_progress)
+        del reward
+        release_memory()
+    return scores
+
+
+def _generate(args, checkpoints) -> dict:
+    from ppd_engine.embed.store import EmbeddingStore
+
+    from .evaluate import run_generation, select_users
+    from .prompts import load_prompts
+
+    prompt_set = load_prompts(args.prompts, args.limit, args.pickapic_dir)
+    store = EmbeddingStore(args.store)
+    users = select_users(store.users(), args.users, args.num_users)
+    print(f"{len(prompt_set.prompts)} prompts ({prompt_set.name}), {len(users)} users, "
+          f"{len(checkpoints)} checkpoints -> {args.out}")
+    return run_generation(checkpoints, prompt_set, users, store, args.out, seed=args.seed,
+                          batch_size=args.gen_batch_size, embed_index=args.embed_index,
+                          device=args.device, progress=not args.no_progress, steps=args.steps,
+                          guidance=args.guidance, user_guidance=args.user_guidance,
+                          user_scale=args.user_scale)
+
+
+def _print_summary(results: dict, out: str) -> None:
+    ckpts = list(results["checkpoints"])
+    for reward, r in results["rewards"].items():
+        means = ", ".join(f"{c} {r['mean'][c]:.4f}" for c in ckpts)
+        wins = ", ".join(f"{k.replace('_vs_', ' vs ')} {v['overall']:.3f}" for k, v in r["win_rates"].items())
+        print(f"{reward}: mean {means}" + (f"; win rate {wins}" if wins else ""))
+    for pair, j in (results.get("judge") or {}).items():
+        print(f"judge {pair.replace('_vs_', ' vs ')}: win rate {j['win_rate']:.3f} "
+              f"({j['kept']} kept, {j['dropped']} dropped as order-inconsistent)")
+    print(f"wrote {out}/results.json and {out}/report.md")
+
+
+def _run_judge(args, manifest: dict) -> dict:
+    from .evaluate import judge_images
+    from .judging import build_judge, load_judge_shots, make_judge_fn
+
+    if not args.judge_data:
+        raise SystemExit("--judge needs --judge-data (the Pick-a-Pic folder with the users' few-shot pairs)")
+    store = None
+    if args.store:
+        from ppd_engine.embed.store import EmbeddingStore
+
+        store = EmbeddingStore(args.store)
+    shots = load_judge_shots(args.judge_data, manifest["users"], store,
+                             manifest.get("sampler", {}).get("embed_index", 0), args.judge_shots,
+                             args.judge_seed, args.judge_split, progress=not args.no_progress)
+    judge = build_judge(args.judge, args.judge_model, args.device, args.judge_seed, args.judge_batch,
+                        args.judge_max_new_tokens, args.judge_template)
+    return judge_images(args.out, manifest, make_judge_fn(judge, shots, args.judge_batch),
+                        progress=not args.no_progress)
+
+
+def _score(args) -> dict:
+    from .evaluate import read_manifest, write_results
+
+    manifest = read_manifest(args.out)
+    scores = _score_all(args, args.out, manifest)
+    judge = None
+    if args.judge:
+        judge = _run_judge(args, manifest)
+    if not scores and judge is None:
+        raise SystemExit("nothing to score: --rewards none and no --judge")
+    results = write_results(args.out, manifest, scores, judge)
+    _print_summary(results, args.out)
+    return results
+
+
+def _sweep(args) -> dict:
+    from .evaluate import read_manifest, write_results
+    from .generate import parse_checkpoints
+    from .report import write_json, write_text
+    from .sweep import build_entries, run_beta, sweep_report
+
+    ckpts = parse_checkpoints(args.runs)
+    betas = {c.name: run_beta(c.run_dir) for c in ckpts}
+    _generate(args, ckpts)
+    manifest = read_manifest(args.out)
+    results = write_results(args.out, manifest, _score_all(args, args.out, manifest))
+    entries = build_entries(results["rewards"], args.reward, {c.name: c.run_dir for c in ckpts}, betas)
+    data, md = sweep_report(entries, args.reward, manifest["prompts"]["source"])
+    write_json(f"{args.out}/sweep.json", data)
+    write_text(f"{args.out}/sweep.md", md)
+    print(md.rstrip())
+    print(f"wrote {args.out}/sweep.json and {args.out}/sweep.md")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("generate", "run"):
+        from .generate import parse_checkpoints
+
+        if not args.checkpoint:
+            raise SystemExit("give at least one --checkpoint NAME=RUN_DIR")
+        _generate(args, parse_checkpoints(args.checkpoint, args.no_user))
+    if args.command in ("score", "run"):
+        _score(args)
+    if args.command == "sweep":
+        _sweep(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
