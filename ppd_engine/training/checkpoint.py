@@ -1,0 +1,147 @@
+"""Checkpoints: RUN/checkpoints/step-N/ written under a temp name and renamed.
+
+A checkpoint folder holds
+  adapters.safetensors          the adapters (save_user_adapters output, full tensors)
+  optimizer-rank{r}.safetensors + .json   optimizer state (one file per rank when sharded; rank 0's
+                                when replicated), bnb's 8-bit state tensors included
+  rng-rank{r}.safetensors       torch CPU/CUDA, numpy and python RNG states of every rank, as tensors
+  state.json                    step, optimizer updates, bad-step counters, data cursor, world size
+  config.yaml                   the resolved run config
+Everything is safetensors / JSON / YAML; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temp folders of an interrupted write are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """`checkpoint.resume` -> a checkpoint folder: '' = none, 'latest' = newest in run_dir, a run
+    folder = its newest, a step-N folder = itself. A named path without a checkpoint is an error."""
+    if not resume:
+        return None
+    target = Path(run_dir) if resume == "latest" else Path(resume)
+    if (target / "state.json").is_file():
+        return target
+    found = latest_checkpoint(target)
+    if found is None:
+        if resume == "latest":
+            return None  # nothing written yet: a fresh start of this run folder
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no checkpoint found under {target}/checkpoints")
+    return found
+
+
+# --- RNG states ---------------------------------------------------------------------------------
+
+
+def rng_state_tensors() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's torch (CPU + every CUDA device), numpy and python RNG states as tensors.
+
+    Returns (tensors, metadata); the few scalars go to the safetensors metadata (strings)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = st
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["python_state"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {"numpy_kind": str(kind), "numpy_pos": str(pos), "numpy_has_gauss": str(has_gauss),
+            "numpy_cached": repr(float(cached)), "python_version": str(version),
+            "python_gauss_next": "" if gauss_next is None else repr(float(gauss_next))}
+    return tensors, meta
+
+
+def restore_rng_state(path: str | os.PathLike) -> None:
+    """Inverse of `rng_state_tensors` from an rng-rank{r}.safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith("torch_cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    np.random.set_state((meta["numpy_kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
+                         int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]), float(meta["numpy_cached"])))
+    gauss = meta["python_gauss_next"]
+    random.setstate((int(meta["python_version"]), tuple(int(x) for x in tensors["python_state"].tolist()),
+                     None if gauss == "" else float(gauss)))
+
+
+def save_rng_state(path: str | os.PathLike) -> None:
+    tensors, meta = rng_state_tensors()
+    save_file(tensors, str(path), metadata=meta)
+
+
+# --- folder lifecycle ---------------------------------------------------------------------------
+
+
+def temp_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The folder every rank writes into before rank 0 renames it to step-N."""
+    return Path(run_dir) / "checkpoints" / f".tmp-step-{step}"
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename the finished temp folder to its final name and delete all but the newest `keep_last`.
+
+    The rename is the commit point: a crash before it leaves only a `.tmp-*` folder, which
+    `list_checkpoints` ignores, so the previous checkpoint stays the latest complete one."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    ckpts = list_checkpoints(final.parent.parent)
+    for _, path in ckpts[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)

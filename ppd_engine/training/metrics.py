@@ -1,0 +1,118 @@
+"""What a run reports: RUN/metrics.jsonl (one line per step), TensorBoard events, the tqdm bar and
+sample grids. Only rank 0 writes; the numbers are already averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+METRIC_KEYS = ("loss", "implicit_acc", "model_mse", "ref_mse", "reward_margin", "grad_norm", "lr",
+               "pairs_per_s", "peak_mem_mb")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory (MiB) on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop lines with step > after_step (a resumed run rewrites what the crashed run logged past
+    its last checkpoint, so the file stays one trajectory)."""
+    if not path.is_file():
+        return
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line)["step"] <= after_step:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                continue  # a line cut short by the crash
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """metrics.jsonl + optional TensorBoard + tqdm bar, for rank 0 (other ranks get a silent one)."""
+
+    def __init__(self, run_dir: str | os.PathLike, total_steps: int, start_step: int, enabled: bool,
+                 tensorboard: bool, progress: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard not installed: jsonl only
+                self.tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        step = row["step"]
+        if self.tb is not None:
+            for k in METRIC_KEYS + ("skipped", "bad_steps_total"):
+                v = row.get(k)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}",
+                                 lr=f"{row['lr']:.2e}", pairs_s=f"{row['pairs_per_s']:.1f}", refresh=False)
+            self.bar.update(1)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def save_grid_png(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> torch.Tensor:
+    """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` and write a PNG (temp name + rename).
+
+    Returns the (3, H', W') grid."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i].float().cpu()
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+    return grid

@@ -1,0 +1,147 @@
+"""One micro-batch of Diffusion-DPO: noise both images of a pair alike, run the paired forward,
+apply the preference loss.
+
+Per pair (winner w, loser l, same caption c, user u):
+    t ~ U{0..T-1}, eps ~ N(0, I)                          shared by w and l (Diffusion-DPO)
+    x_w^t = a_t x_w + s_t eps,  x_l^t = a_t x_l + s_t eps
+    c -> "" with prob. train.empty_caption_prob            (classifier-free guidance over text)
+    u -> 0  with prob. train.user_dropout                  (the user-agnostic branch: guidance over u)
+    policy = base + user branch, reference = base          (one model, paired_forward)
+    loss   = preference_loss(loss.name, policy, reference, target, beta, weight=w(lambda_t))
+
+The weight w(lambda_t) of a pair (`loss.weighting`):
+    uniform  w = 1 (what Diffusion-DPO trains with: its w(lambda_t) is a constant folded into beta)
+    min_snr  w = min(SNR(t), gamma) / SNR(t) for eps-prediction, min(SNR(t), gamma) / (SNR(t) + 1)
+             for v-prediction (Min-SNR-gamma; SNR(t) = abar_t / (1 - abar_t)). It multiplies the
+             logit `inside`, so high-noise pairs (small SNR) keep full weight and low-noise pairs,
+             whose MSE differences are tiny and noisy, are down-weighted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ppd_engine.training.data_order import PairDraws
+
+_KEYS_SDXL = ("pooled", "time_ids_w", "time_ids_l")
+
+
+def collate(items: list[dict], device: torch.device) -> dict:
+    """Stack dataset items (see INTERFACES: latents_w/_l, text, [pooled, time_ids_w/_l], user_id)."""
+    if not items:
+        raise ValueError("empty micro-batch")
+    out: dict = {"user_id": [it["user_id"] for it in items], "pair_id": [it.get("pair_id", "") for it in items]}
+    keys = ["latents_w", "latents_l", "text"] + [k for k in _KEYS_SDXL if k in items[0]]
+    for k in keys:
+        missing = [i for i, it in enumerate(items) if k not in it]
+        if missing:
+            raise KeyError(f"dataset item {missing[0]} has no {k!r} (items need latents_w, latents_l, text)")
+        out[k] = torch.stack([torch.as_tensor(it[k]) for it in items]).to(device=device, dtype=torch.float32)
+    if out["latents_w"].shape != out["latents_l"].shape:
+        raise ValueError(f"latents_w {tuple(out['latents_w'].shape)} and latents_l "
+                         f"{tuple(out['latents_l'].shape)} differ")
+    return out
+
+
+def pick_user_embeds(user_ids: list[str], choice: torch.Tensor, embeddings: Mapping[str, torch.Tensor] | None,
+                     shape: tuple[int, ...], device: torch.device, zero: bool = False) -> torch.Tensor:
+    """(B, T_in, Du): for each pair, one of its user's K few-shot embeddings (index floor(choice*K)).
+
+    `zero` (the non-personalized baseline) gives zeros of `shape` for every pair."""
+    if zero or embeddings is None:
+        return torch.zeros((len(user_ids), *shape), device=device, dtype=torch.float32)
+    rows = []
+    for uid, c in zip(user_ids, choice.tolist()):
+        if uid not in embeddings:
+            raise KeyError(f"user {uid!r} has no embedding in the store (data.embeddings)")
+        e = torch.as_tensor(embeddings[uid])
+        if e.dim() == 2:  # one embedding (T_in, Du)
+            e = e.unsqueeze(0)
+        k = min(int(c * e.shape[0]), e.shape[0] - 1)
+        rows.append(e[k])
+    return torch.stack(rows).to(device=device, dtype=torch.float32)
+
+
+def snr_weight(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) Min-SNR-gamma weight (see module doc)."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return (clipped / (snr + 1)).float()
+    return (clipped / snr).float()
+
+
+@dataclass
+class StepStats:
+    """Detached per-micro-batch statistics (means over its pairs)."""
+
+    loss: torch.Tensor
+    implicit_acc: torch.Tensor
+    model_mse: torch.Tensor
+    ref_mse: torch.Tensor
+    reward_margin: torch.Tensor
+
+
+def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Tensor, empty_text: torch.Tensor,
+                    empty_pooled: torch.Tensor | None, *, loss_name: str, beta: float, weighting: str,
+                    snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None
+                    ) -> tuple[torch.Tensor, StepStats]:
+    """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
+
+    batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL pooled (B, D2) and
+    time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
+    empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
+    """
+    from ppd_engine.losses import LOSSES, preference_loss
+    from ppd_engine.paired import paired_forward
+
+    sched = model.noise_scheduler
+    device = batch["latents_w"].device
+    b = batch["latents_w"].shape[0]
+    drop_c = draws.drop_caption.view(-1, 1, 1)
+    text = torch.where(drop_c, empty_text.to(device).expand_as(batch["text"]), batch["text"])
+    added = None
+    if "pooled" in batch:
+        pooled = torch.where(draws.drop_caption.view(-1, 1), empty_pooled.to(device).expand_as(batch["pooled"]),
+                             batch["pooled"])
+        added = model.added_cond(torch.cat([pooled, pooled]),
+                                 torch.cat([batch["time_ids_w"], batch["time_ids_l"]]))
+
+    latents = torch.cat([batch["latents_w"], batch["latents_l"]])
+    noise = torch.cat([draws.noise, draws.noise])
+    timesteps = torch.cat([draws.timesteps, draws.timesteps])
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        policy, ref = paired_forward(model.unet, noisy, timesteps, torch.cat([text, text]),
+                                     torch.cat([user_embeds, user_embeds]), strategy=strategy,
+                                     added_cond_kwargs=added)
+
+    spec = LOSSES[loss_name]
+    kw = dict(loss_options)
+    weight = None
+    if weighting == "min_snr":
+        weight = snr_weight(sched, draws.timesteps, snr_gamma)
+    policy, ref, target = policy.float(), ref.float(), target.float()
+    if not spec.paired:
+        # Unpaired losses (kto) see each winner as desirable and each loser as undesirable.
+        kw["labels"] = torch.cat([torch.ones(b, device=device), -torch.ones(b, device=device)])
+    out = preference_loss(loss_name, policy, ref, target,
+                          beta=beta, weight=weight, **kw)
+    stats = StepStats(
+        loss=out.loss.detach(),
+        implicit_acc=out.implicit_acc.detach().float(),
+        model_mse=out.model_mse.detach().float().mean(),
+        ref_mse=(out.ref_mse.detach().float().mean() if out.ref_mse is not None
+                 else torch.full((), float("nan"), device=device)),
+        reward_margin=out.inside.detach().float().mean(),
+    )
+    return out.loss, stats

@@ -1,0 +1,378 @@
+"""The training loop: adapters on a frozen base, gradient accumulation to `train.pairs_per_step`,
+NaN/Inf step skipping, distributed adapters, checkpoints that resume exactly.
+
+    trainer = Trainer(cfg, model, dataset, user_embeddings, run_dir, personalized=True)
+    result = trainer.fit()      # TrainResult(run_dir, steps, last_checkpoint, final_metrics)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ppd_engine.config import Config, save_config
+from ppd_engine.training import checkpoint as ckpt
+from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
+from ppd_engine.training.distributed import (
+    DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
+    scale_grads_, shard_adapters)
+from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
+from ppd_engine.training.optim import (
+    ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
+from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
+
+logger = logging.getLogger(__name__)
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp32": None}
+
+
+class BadStepsError(RuntimeError):
+    """More than train.max_bad_steps consecutive steps had a NaN/Inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    last_checkpoint: str | None
+    final_metrics: dict = field(default_factory=dict)
+
+
+def _embedding_shape(user_embeddings: Mapping[str, torch.Tensor] | None) -> tuple[int, int] | None:
+    """(T_in, Du) of the store's embeddings (all users must agree)."""
+    if not user_embeddings:
+        return None
+    shapes = set()
+    for uid, e in user_embeddings.items():
+        t = torch.as_tensor(e)
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        if t.dim() != 3:
+            raise ValueError(f"user embedding of {uid!r} must be (K, T_in, Du); got {tuple(t.shape)}")
+        shapes.add(tuple(t.shape[1:]))
+    if len(shapes) != 1:
+        raise ValueError(f"user embeddings disagree in (T_in, Du): {sorted(shapes)}")
+    return shapes.pop()
+
+
+class Trainer:
+    """Trains the user adapters of `model.unet` on `dataset` with the loss of `cfg.loss`.
+
+    Args:
+        cfg: the resolved run config.
+        model: a DiffusionModel (frozen; its unet gets the adapters added in place).
+        dataset: items with latents_w/_l (C, h, w), text (T, D), [pooled, time_ids_w/_l], user_id.
+        user_embeddings: user_id -> (K, T_in, Du) few-shot embeddings (one of the K is drawn per pair);
+            may be None only when personalized=False (then adapters.user_dim must be set).
+        run_dir: the run folder (config.yaml, metrics.jsonl, checkpoints/, samples/, tb/).
+        personalized: False = the non-personalized Diffusion-DPO baseline: the same adapters, but the
+            user input is always the zero embedding.
+    """
+
+    def __init__(self, cfg: Config, model, dataset, user_embeddings: Mapping[str, torch.Tensor] | None,
+                 run_dir: str, personalized: bool = True):
+        from ppd_engine.adapters import add_user_adapters, load_user_adapters
+        from ppd_engine.losses import LOSSES
+
+        self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.run_dir = Path(run_dir)
+        self.personalized = personalized
+        self.user_embeddings = user_embeddings
+        t, o = cfg.train, cfg.optim
+        spec = LOSSES.get(cfg.loss.name)
+        if spec is None:
+            raise ValueError(f"loss.name={cfg.loss.name!r} is not registered; have {sorted(LOSSES)}")
+        if cfg.loss.weighting != "uniform" and not spec.uses_weight:
+            raise ValueError(f"loss.weighting={cfg.loss.weighting!r}: loss {cfg.loss.name!r} takes no per-pair weight")
+        if personalized and not user_embeddings:
+            raise ValueError("personalized training needs user embeddings (data.embeddings)")
+
+        self.env: DistEnv = init_distributed(t.device, cfg.dist.backend, cfg.dist.timeout_s)
+        env = self.env
+        self.sharded = cfg.dist.adapters == "shard" and env.distributed
+        self.accum = t.pairs_per_step // (t.micro_batch * env.world_size)
+        self.slots = rank_slots(t.pairs_per_step, t.micro_batch, env.rank, env.world_size)
+        self.order = DataOrder(len(dataset), t.pairs_per_step, t.seed)
+        self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
+
+        shape = _embedding_shape(user_embeddings)
+        user_dim = cfg.adapters.user_dim or (shape[1] if shape else 0)
+        if shape and cfg.adapters.user_dim and cfg.adapters.user_dim != shape[1]:
+            raise ValueError(f"adapters.user_dim={cfg.adapters.user_dim} but the embeddings have Du={shape[1]}")
+        if user_dim <= 0:
+            raise ValueError("adapters.user_dim: set it (no user embeddings to read it from)")
+        self.embed_shape = (shape[0] if shape else 1, user_dim)
+
+        # Same seed on every rank: identical adapter initialisation, which FSDP's sharding relies on
+        # (each rank keeps its own slice of its own copy); replicas also get rank 0's copy broadcast.
+        torch.manual_seed(t.seed)
+        unet = model.unet
+        unet.to(env.device)
+        unet.requires_grad_(False)
+        self.adapters = add_user_adapters(unet, user_dim=user_dim, num_tokens=cfg.adapters.num_tokens,
+                                          projection=cfg.adapters.projection, scale=cfg.adapters.scale,
+                                          dropout=0.0, in_tokens=self.embed_shape[0])
+        # fp32 masters whatever the base dtype; autocast does the low-precision compute.
+        self.adapters.projection.float()
+        for proc in self.adapters.processors.values():
+            proc.float()
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        state = None
+        if self.resume_from is not None:
+            state = ckpt.read_json(self.resume_from / "state.json")
+            self._check_resumable(state)
+            load_user_adapters(unet, self.resume_from / "adapters.safetensors")
+
+        params = list(self.adapters.parameters())
+        self.fsdp_modules: list[nn.Module] = []
+        self.grad_sync = None
+        if self.sharded:
+            self.fsdp_modules = shard_adapters(unet, params, env)
+            params = list(self.adapters.parameters())  # now DTensors
+        elif env.distributed:
+            with torch.no_grad():
+                for p in params:
+                    torch.distributed.broadcast(p.data, src=0)
+            self.grad_sync = ReplicatedGradSync(params, env)
+        self.params = params
+        self.views = None
+        if self.sharded:
+            if o.name not in ELEMENTWISE:
+                raise ValueError(f"optim.name={o.name!r} cannot step local shards; use dist.adapters=replicate")
+            self.views = LocalShardParams(params)
+            self.optimizer = build_optimizer(self.views.views, o)
+        else:
+            self.optimizer = build_optimizer(params, o)
+
+        self.step = 0
+        self.updates = 0
+        self.bad_total = 0
+        self.bad_run = 0
+        if state is not None:
+            self.step, self.updates = state["step"], state["updates"]
+            self.bad_total, self.bad_run = state["bad_steps_total"], state["consecutive_bad"]
+            rank_file = env.rank if self.sharded else 0
+            load_optimizer_state(self.optimizer, str(self.resume_from / f"optimizer-rank{rank_file}"))
+            rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
+            if rng.is_file():
+                ckpt.restore_rng_state(rng)
+
+        enc = model.encode_text([""])
+        self.empty_text = enc.states.detach().to(env.device, torch.float32)
+        self.empty_pooled = None if enc.pooled is None else enc.pooled.detach().to(env.device, torch.float32)
+        self.autocast = _AUTOCAST[t.mixed_precision]
+        self.last_checkpoint: str | None = str(self.resume_from) if self.resume_from else None
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if self.resume_from is None:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            n = sum(p.numel() for p in self.params) * (env.world_size if self.sharded else 1)
+            logger.info("training %s adapter params (%s, %d rank(s), %s adapters), %d steps x %d pairs "
+                        "(%d micro-batches of %d per rank)", f"{n:,}", o.name, env.world_size,
+                        "sharded" if self.sharded else "replicated", self.total_steps, t.pairs_per_step,
+                        self.accum, t.micro_batch)
+
+    # -- setup helpers ------------------------------------------------------------------------
+    def _check_resumable(self, state: dict) -> None:
+        t = self.cfg.train
+        if state.get("data_items") != len(self.dataset):
+            raise ValueError(f"cannot resume from {self.resume_from}: it saw {state.get('data_items')} training "
+                             f"pairs, this dataset has {len(self.dataset)}")
+        if state["cursor"] != self.order.cursor(state["step"]) or state.get("pairs_per_step") != t.pairs_per_step:
+            raise ValueError(f"cannot resume from {self.resume_from}: train.seed or train.pairs_per_step changed "
+                             "(the data order would differ)")
+        sharded = self.cfg.dist.adapters == "shard" and self.env.distributed
+        if (sharded or state.get("sharded")) and state.get("world_size") != self.env.world_size:
+            raise ValueError(f"cannot resume from {self.resume_from}: sharded optimizer state of "
+                             f"{state.get('world_size')} rank(s), this run has {self.env.world_size}")
+
+    # -- the step -----------------------------------------------------------------------------
+    def _zero_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+        if self.views is not None:
+            self.views.detach_grads()
+
+    def train_step(self) -> dict:
+        """One optimizer step (or a skipped one) over train.pairs_per_step pairs; returns its metrics."""
+        cfg, env = self.cfg, self.env
+        t = cfg.train
+        start = time.perf_counter()
+        indices = self.order.step_indices(self.step)
+        if hasattr(self.dataset, "set_epoch"):  # e.g. the cache's per-epoch random flips
+            self.dataset.set_epoch(self.order.cursor(self.step)["epoch"])
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        sched = self.model.noise_scheduler
+        for slots in self.slots:
+            batch = collate([self.dataset[indices[s]] for s in slots], env.device)
+            draws = draw_pairs(t.seed, self.step, slots, tuple(batch["latents_w"].shape[1:]),
+                               sched.config.num_train_timesteps, t.empty_caption_prob, t.user_dropout, env.device)
+            embeds = pick_user_embeds(batch["user_id"], draws.embed_choice, self.user_embeddings, self.embed_shape,
+                                      env.device, zero=not self.personalized)
+            embeds = embeds * (~draws.drop_user).to(embeds.dtype).view(-1, 1, 1)
+            loss, st = micro_step_loss(
+                self.model, batch, draws, embeds, self.empty_text, self.empty_pooled, loss_name=cfg.loss.name,
+                beta=cfg.loss.beta, weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
+                loss_options=cfg.loss.options, strategy=t.paired_strategy, autocast_dtype=self.autocast)
+            (loss / self.accum).backward()
+            sums += torch.stack([st.loss, st.implicit_acc, st.model_mse, st.ref_mse, st.reward_margin]).double()
+        if self.grad_sync is not None:
+            self.grad_sync()
+        # Means over every pair of the step (each rank holds the same number of micro-batches).
+        means = all_reduce_sum(sums, env) / (self.accum * env.world_size)
+        grad_norm = global_grad_norm(self.params, env, self.sharded)
+        bad = torch.tensor([0.0 if (math.isfinite(means[0].item()) and math.isfinite(grad_norm.item())) else 1.0],
+                           device=env.device)
+        bad = bool(all_reduce_sum(bad, env).item() > 0)
+        lr = lr_at(self.updates, cfg.optim)
+        if bad:
+            # Nothing is applied: parameters and optimizer state stay those of the last good step.
+            self.bad_total += 1
+            self.bad_run += 1
+        else:
+            self.bad_run = 0
+            if t.grad_clip > 0 and grad_norm.item() > t.grad_clip:
+                scale_grads_(self.params, t.grad_clip / (grad_norm.item() + 1e-6))
+            set_lr(self.optimizer, lr)
+            if self.views is not None:
+                self.views.attach_grads()
+            self.optimizer.step()
+            self.updates += 1
+        self._zero_grads()
+        self.step += 1
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        elapsed = time.perf_counter() - start
+        return {
+            "step": self.step, "epoch": self.order.cursor(self.step - 1)["epoch"],
+            "loss": means[0].item(), "implicit_acc": means[1].item(), "model_mse": means[2].item(),
+            "ref_mse": means[3].item(), "reward_margin": means[4].item(), "grad_norm": grad_norm.item(),
+            "lr": lr, "pairs_per_s": t.pairs_per_step / max(elapsed, 1e-9),
+            "peak_mem_mb": peak_memory_mb(env.device), "skipped": int(bad), "bad_steps_total": self.bad_total,
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write RUN/checkpoints/step-N/ (every rank takes part; rank 0 renames it into place)."""
+        from ppd_engine.adapters import save_user_adapters
+
+        env = self.env
+        tmp = ckpt.temp_checkpoint_dir(self.run_dir, self.step)
+        final = ckpt.checkpoint_dir(self.run_dir, self.step)
+        if env.is_main:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier(env)
+        for m in self.fsdp_modules:  # full adapter tensors for the file (collective)
+            m.unshard()
+        if env.is_main:
+            save_user_adapters(self.model.unet, tmp / "adapters.safetensors")
+        for m in self.fsdp_modules:
+            m.reshard()
+        if self.sharded or env.is_main:
+            save_optimizer_state(self.optimizer, str(tmp / f"optimizer-rank{env.rank}"))
+        ckpt.save_rng_state(tmp / f"rng-rank{env.rank}.safetensors")
+        if env.is_main:
+            ckpt.write_json(tmp / "state.json", {
+                "step": self.step, "updates": self.updates, "bad_steps_total": self.bad_total,
+                "consecutive_bad": self.bad_run, "world_size": env.world_size, "sharded": self.sharded,
+                "optimizer": self.cfg.optim.name, "data_items": len(self.dataset),
+                "pairs_per_step": self.cfg.train.pairs_per_step, "cursor": self.order.cursor(self.step),
+            })
+            save_config(self.cfg, tmp / "config.yaml")
+        barrier(env)
+        if env.is_main:
+            ckpt.publish_checkpoint(tmp, final, self.cfg.checkpoint.keep_last)
+        barrier(env)
+        self.last_checkpoint = str(final)
+        return final
+
+    # -- samples -------------------------------------------------------------------------------
+    def write_samples(self, metrics: MetricsLogger) -> Path | None:
+        """A grid (rows: fixed users + the zero embedding; columns: log.sample_prompts) at this step.
+
+        Needs `ppd_engine.sampling.generate`; without it the grid is skipped with a warning."""
+        try:
+            from ppd_engine.sampling import generate
+        except ImportError as exc:
+            logger.warning("log.sample_every is set but ppd_engine.sampling is unavailable (%s); no sample grid", exc)
+            return None
+        if not self.sharded and not self.env.is_main:
+            return None  # replicas are identical: rank 0 samples alone (sharded ranks must all join)
+        lc = self.cfg.log
+        users = sorted(self.user_embeddings)[: lc.sample_users] if (self.user_embeddings and self.personalized) else []
+        rows = []
+        for uid in users:
+            e = torch.as_tensor(self.user_embeddings[uid])
+            rows.append(e[0] if e.dim() == 3 else e)
+        rows.append(torch.zeros(self.embed_shape))
+        prompts = list(lc.sample_prompts)
+        embeds = torch.stack([r for r in rows for _ in prompts]).to(self.env.device, torch.float32)
+        seeds = [lc.sample_seed + j for _ in rows for j in range(len(prompts))]
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        with torch.no_grad():
+            images = generate(self.model, prompts * len(rows), embeds, seeds, steps=lc.sample_steps,
+                              guidance=lc.sample_guidance)
+        self.model.unet.train(was_training)
+        if not self.env.is_main:
+            return None
+        path = self.run_dir / "samples" / f"step-{self.step}.png"
+        grid = save_grid_png(images, nrow=len(prompts), path=path)
+        metrics.image("samples", grid, self.step)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train until train.max_steps (or the epochs) are done; checkpoint every checkpoint.every
+        steps and at the end. Raises BadStepsError (after checkpointing the last good state) when
+        more than train.max_bad_steps consecutive steps are non-finite."""
+        cfg, env = self.cfg, self.env
+        metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main,
+                                cfg.log.tensorboard, cfg.log.progress)
+        row: dict = {}
+        saved_at = self.step if self.resume_from is not None else -1
+        try:
+            while self.step < self.total_steps:
+                row = self.train_step()
+                metrics.log(row)
+                if row["skipped"]:
+                    logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped "
+                                   "(%d in a row, %d total)", self.step, row["loss"], row["grad_norm"],
+                                   self.bad_run, self.bad_total)
+                if self.bad_run > cfg.train.max_bad_steps:
+                    # Parameters and optimizer state are those of the last good step; resuming from
+                    # this checkpoint gets a fresh budget of bad steps.
+                    self.bad_run = 0
+                    path = self.save_checkpoint()
+                    raise BadStepsError(
+                        f"{cfg.train.max_bad_steps + 1} consecutive steps had a NaN/Inf loss or gradient "
+                        f"(last at step {self.step}); stopped. The last good state is in {path}. Lower "
+                        f"optim.lr, check the data, or raise train.max_bad_steps.")
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                    self.write_samples(metrics)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self.save_checkpoint()
+        finally:
+            metrics.close()
+        return TrainResult(run_dir=str(self.run_dir), steps=self.step, last_checkpoint=self.last_checkpoint,
+                           final_metrics=row)
