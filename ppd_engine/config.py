@@ -82,6 +82,9 @@ class AdaptersConfig:
     num_tokens: int = _f(4, "user tokens the projection makes from one embedding")
     projection: str = _f("linear", "embedding -> tokens projection: linear | resampler")
     scale: float = _f(1.0, "scale s of the user attention branch during training")
+    attention: Literal["sdpa", "fused", "auto"] = _f(
+        "sdpa", "user cross-attention kernel: sdpa (two SDPA calls, bit-exact base path) | fused (the "
+        "ppd::dual_cross_attention op) | auto (fused where the op supports the shapes); see bench/RESULTS.md")
 
 
 @dataclass

@@ -88,13 +88,15 @@ class StepStats:
 
 def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Tensor, empty_text: torch.Tensor,
                     empty_pooled: torch.Tensor | None, *, loss_name: str, beta: float, weighting: str,
-                    snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None
-                    ) -> tuple[torch.Tensor, StepStats]:
+                    snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None,
+                    phase_hook=None) -> tuple[torch.Tensor, StepStats]:
     """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
 
     batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL pooled (B, D2) and
     time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
     empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
+    phase_hook(phase, "start"|"end"), if given, brackets the forward phases (see paired_forward)
+    and "loss", so a benchmark can time them.
     """
     from ppd_engine.losses import LOSSES, preference_loss
     from ppd_engine.paired import paired_forward
@@ -123,7 +125,9 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         policy, ref = paired_forward(model.unet, noisy, timesteps, torch.cat([text, text]),
                                      torch.cat([user_embeds, user_embeds]), strategy=strategy,
-                                     added_cond_kwargs=added)
+                                     added_cond_kwargs=added, phase_hook=phase_hook)
+    hook = phase_hook or (lambda phase, event: None)
+    hook("loss", "start")
 
     spec = LOSSES[loss_name]
     kw = dict(loss_options)
@@ -144,4 +148,5 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
                  else torch.full((), float("nan"), device=device)),
         reward_margin=out.inside.detach().float().mean(),
     )
+    hook("loss", "end")
     return out.loss, stats

@@ -118,11 +118,12 @@ class Trainer:
         unet.requires_grad_(False)
         self.adapters = add_user_adapters(unet, user_dim=user_dim, num_tokens=cfg.adapters.num_tokens,
                                           projection=cfg.adapters.projection, scale=cfg.adapters.scale,
-                                          dropout=0.0, in_tokens=self.embed_shape[0])
-        # fp32 masters whatever the base dtype; autocast does the low-precision compute.
-        self.adapters.projection.float()
-        for proc in self.adapters.processors.values():
-            proc.float()
+                                          dropout=0.0, in_tokens=self.embed_shape[0],
+                                          attention=cfg.adapters.attention,
+                                          # fp32 masters whatever the base dtype; autocast does the
+                                          # low-precision compute. Passing it here (not .float()
+                                          # afterwards) keeps the saved adapter config truthful.
+                                          dtype=torch.float32)
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -294,6 +295,8 @@ class Trainer:
                 "consecutive_bad": self.bad_run, "world_size": env.world_size, "sharded": self.sharded,
                 "optimizer": self.cfg.optim.name, "data_items": len(self.dataset),
                 "pairs_per_step": self.cfg.train.pairs_per_step, "cursor": self.order.cursor(self.step),
+                # Lets eval tell the non-personalized baseline from a PPD run without being told.
+                "personalized": self.personalized,
             })
             save_config(self.cfg, tmp / "config.yaml")
         barrier(env)
