@@ -27,20 +27,25 @@ TORCH_LIBRARY(ppd, m) {
   m.def(
       "dpo_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor? weight, float beta)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
-  // Gradient w.r.t. model_pred from the saved `inside`: one elementwise pass.
+  // Gradient w.r.t. model_pred, recomputed from the saved `inside` in one elementwise pass; takes the
+  // incoming grads of loss, inside and model_mse (None = zero), so every output is differentiable.
   m.def(
-      "dpo_loss_backward(Tensor grad_loss, Tensor inside, Tensor? weight, Tensor model_pred,"
-      " Tensor target, float beta) -> Tensor");
+      "dpo_loss_backward(Tensor grad_loss, Tensor? grad_inside, Tensor? grad_model_mse, Tensor inside,"
+      " Tensor? weight, Tensor model_pred, Tensor target, float beta) -> Tensor");
 
   // ---- dual cross-attention (csrc/*/dual_attention.*) ------------------------------------------
   // out = softmax(q k_text^T * s) v_text + user_scale[b] * softmax(q k_user^T * s) v_user.
-  // Layout (B, H, L, D). Returns out and the two log-sum-exp rows (B, H, Lq), fp32.
+  // Layout (B, H, L, D), any strides; k_text/v_text batch Bt divides B (query batch b uses b % Bt).
+  // Returns out (q's layout) and the two log-sum-exp rows (B, H, Lq), fp32.
   m.def(
       "dual_cross_attention(Tensor q, Tensor k_text, Tensor v_text, Tensor k_user, Tensor v_user,"
       " Tensor user_scale, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  // Returns dq, dk_text, dv_text, dk_user, dv_user, d_user_scale (B,) fp32. The softmax correction
+  // rowsum(dO * O_seg) is rebuilt from the recomputed probabilities, so `out` is not needed; with
+  // text_grads false dk_text/dv_text are empty (0,) tensors.
   m.def(
       "dual_cross_attention_backward(Tensor grad_out, Tensor q, Tensor k_text, Tensor v_text,"
-      " Tensor k_user, Tensor v_user, Tensor user_scale, Tensor out, Tensor lse_text,"
+      " Tensor k_user, Tensor v_user, Tensor user_scale, Tensor lse_text,"
       " Tensor lse_user, float softmax_scale, bool text_grads)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

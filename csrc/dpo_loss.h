@@ -1,0 +1,103 @@
+// Shared by the CPU and CUDA kernels of the ε-MSE / Diffusion-DPO ops: input validation (one set of
+// error messages for both devices) and the per-pair math, written once for host and device so the
+// two backends cannot disagree on a formula.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+namespace ppd::dpo {
+
+// Rows and elements per row of a (N, ...) prediction tensor.
+struct Dims {
+  int64_t n;
+  int64_t d;
+};
+
+inline bool supported_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
+}
+
+// Checks one prediction against the target: same shape, dtype and device, a float dtype the kernels
+// handle, at least one non-batch element. Messages name the op and both shapes.
+inline Dims check_pair(const at::Tensor& pred, const at::Tensor& target, const char* op, const char* name) {
+  TORCH_CHECK(pred.dim() >= 1, op, ": ", name, " must have a batch dim, got a 0-dim tensor");
+  TORCH_CHECK(pred.sizes() == target.sizes(), op, ": ", name, " shape ", pred.sizes(),
+              " does not match target shape ", target.sizes());
+  TORCH_CHECK(pred.scalar_type() == target.scalar_type(), op, ": ", name, " dtype ", pred.scalar_type(),
+              " does not match target dtype ", target.scalar_type());
+  TORCH_CHECK(pred.device() == target.device(), op, ": ", name, " is on ", pred.device(),
+              " but target is on ", target.device());
+  TORCH_CHECK(supported_dtype(pred.scalar_type()), op, ": ", name, " dtype ", pred.scalar_type(),
+              " is not supported (float32, bfloat16, float16)");
+  const int64_t n = pred.size(0);
+  TORCH_CHECK(n > 0, op, ": ", name, " has an empty batch, shape ", pred.sizes());
+  const int64_t d = pred.numel() / n;
+  TORCH_CHECK(d > 0, op, ": ", name, " has no elements per sample, shape ", pred.sizes());
+  return {n, d};
+}
+
+// The DPO layout: 2B rows, winners first. Also checks weight (B,) and beta.
+inline Dims check_dpo(const at::Tensor& model_pred, const at::Tensor& ref_pred, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, double beta, const char* op) {
+  Dims dims = check_pair(model_pred, target, op, "model_pred");
+  check_pair(ref_pred, target, op, "ref_pred");
+  TORCH_CHECK(dims.n % 2 == 0, op, ": the first dim must be 2B (B winners, then B losers), got shape ",
+              model_pred.sizes());
+  TORCH_CHECK(std::isfinite(beta) && beta > 0.0, op, ": beta must be a positive finite number, got ", beta);
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == dims.n / 2, op, ": weight must have shape (B,) = (", dims.n / 2,
+                ",) for model_pred shape ", model_pred.sizes(), ", got ", w.sizes());
+    TORCH_CHECK(w.device() == model_pred.device(), op, ": weight is on ", w.device(), " but model_pred is on ",
+                model_pred.device());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": weight must be a float tensor, got ", w.scalar_type());
+  }
+  return dims;
+}
+
+C10_HOST_DEVICE inline bool is_finite(double x) {
+#ifdef __CUDA_ARCH__
+  return ::isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+
+// -log(sigmoid(-x)) = log(1 + exp(x)), without overflow for large |x|.
+C10_HOST_DEVICE inline double softplus(double x) {
+  return x > 0.0 ? x + ::log1p(::exp(-x)) : ::log1p(::exp(x));
+}
+
+// sigmoid(x) for any finite x without overflow.
+C10_HOST_DEVICE inline double sigmoid(double x) {
+  if (x >= 0.0) return 1.0 / (1.0 + ::exp(-x));
+  const double e = ::exp(x);
+  return e / (1.0 + e);
+}
+
+// inside = -0.5 * beta * w * ((e_model_w - e_ref_w) - (e_model_l - e_ref_l)). A non-finite MSE (NaN/Inf in
+// an input) makes inside NaN, so the loss is NaN rather than a finite number that hides the bad input
+// (+inf inside would give loss 0).
+C10_HOST_DEVICE inline double pair_inside(double em_w, double er_w, double em_l, double er_l, double w,
+                                          double beta) {
+  if (!is_finite(em_w + er_w + em_l + er_l)) return NAN;
+  return -0.5 * beta * w * ((em_w - er_w) - (em_l - er_l));
+}
+
+// d(total)/d(e_model) for the winner (sign -1) or loser (sign +1) row of a pair, where total =
+// grad_loss * loss + sum(grad_inside * inside) + sum(grad_mse * model_mse). `num_pairs` = B.
+C10_HOST_DEVICE inline double model_mse_coef(double inside, double w, double beta, double grad_loss,
+                                             double grad_inside, double grad_mse, double sign,
+                                             int64_t num_pairs) {
+  // d loss / d inside = -sigmoid(-inside) / B;  d inside / d e_model_{w,l} = -/+ 0.5 * beta * w.
+  const double g_inside = grad_loss * (-sigmoid(-inside) / static_cast<double>(num_pairs)) + grad_inside;
+  return g_inside * sign * 0.5 * beta * w + grad_mse;
+}
+
+}  // namespace ppd::dpo
