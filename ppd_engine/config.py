@@ -393,6 +393,12 @@ def validate(cfg: Config) -> None:
          "use dist.adapters=replicate with adafactor, or adamw8bit/adamw with shard")
     need(cfg.loss.beta > 0, "loss.beta", f"{cfg.loss.beta} must be > 0")
     need(cfg.loss.snr_gamma > 0, "loss.snr_gamma", f"{cfg.loss.snr_gamma} must be > 0")
+    if cfg.loss.weighting != "uniform":
+        from ppd_engine.losses import LOSSES
+
+        weighted = sorted(n for n, spec in LOSSES.items() if spec.uses_weight)
+        need(LOSSES[cfg.loss.name].uses_weight, "loss.weighting",
+             f"{cfg.loss.name} takes no per-pair weight; use weighting=uniform, or one of: {', '.join(weighted)}")
     need(cfg.model.dtype == "fp32" or t.mixed_precision == "bf16", "model.dtype",
          f"{cfg.model.dtype} base weights need train.mixed_precision=bf16 (got {t.mixed_precision})")
     need(cfg.model.resolution >= 0 and cfg.model.resolution % 8 == 0, "model.resolution",

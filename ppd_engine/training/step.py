@@ -134,6 +134,9 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     weight = None
     if weighting == "min_snr":
         weight = snr_weight(sched, draws.timesteps, snr_gamma)
+    # fp32 for all three: the target (the drawn noise) is exact in fp32 and rounding it to bf16 to
+    # match the autocast predictions would perturb every per-sample MSE; the upcast is tiny next to
+    # the UNet passes.
     policy, ref, target = policy.float(), ref.float(), target.float()
     if not spec.paired:
         # Unpaired losses (kto) see each winner as desirable and each loser as undesirable.
