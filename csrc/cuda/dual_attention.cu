@@ -1,0 +1,511 @@
+// CUDA kernels of ppd::dual_cross_attention (schemas in csrc/registration.cpp, math in dual_attention.h).
+//
+// One block per (query tile, head, batch). The block stages the K/V of both segments (Lt text keys
+// of batch b % Bt, then Lu user keys of batch b) in shared memory as fp32 rows with an odd stride,
+// so a warp reading one column across 32 keys and a warp reading one row across 32 head-dim entries
+// both hit 32 distinct banks. Each warp then owns kRows query rows at a time:
+//   scores:  lane j computes q_r . k_j for its keys (j = lane, lane + 32, ...), all kRows rows at once;
+//   softmax: two warp-wide max/sum reductions per row, one per segment (keys are few, so the whole
+//            row is held in shared memory and the softmax is exact, no online rescaling);
+//   output:  lane owns head-dim entries d = lane + 32 t and sums P'_j v_j[d] over both segments,
+//            with the user probabilities pre-multiplied by user_scale[b].
+// Backward recomputes P from the saved log-sum-exps; the softmax correction rowsum(dO * O_seg) is
+// sum_j P_j dP_j over the segment, computed from dP = dO v^T which the gradient needs anyway. dq is
+// written per row; dk/dv of the accumulated keys (user keys, plus text keys when text_grads) are
+// summed over the block's queries in shared memory, then added to fp32 global accumulators with one
+// atomicAdd per element per block. The order of those atomics is not fixed, so dk/dv are
+// reproducible only to fp32 rounding.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "dual_attention.h"
+
+namespace ppd::dual_attention {
+namespace {
+
+constexpr int kRows = 4;     // query rows a warp processes together
+constexpr int kMaxNV = 8;    // head-dim entries per lane: D <= 256
+constexpr int kMaxWarps = 8;
+
+struct Tensor4 {
+  const void* ptr;
+  Strides4 st;
+};
+
+struct FwdParams {
+  Shapes s;
+  float scale;
+  Tensor4 q, kt, vt, ku, vu;
+  const float* user_scale;
+  void* out;
+  Strides4 so;
+  float* lse_t;
+  float* lse_u;
+  int rows_per_block;
+};
+
+struct BwdParams {
+  Shapes s;
+  float scale;
+  Tensor4 q, kt, vt, ku, vu, go;
+  const float* user_scale;
+  const float* lse_t;
+  const float* lse_u;
+  void* dq;
+  Strides4 sdq;
+  float* dk_text;  // (Bt, H, Lt, D) fp32 accumulators, null without text grads
+  float* dv_text;
+  float* dk_user;  // (B, H, Lu, D) fp32 accumulators
+  float* dv_user;
+  float* d_user_scale;  // (B,) fp32 accumulator
+  int key0;             // first key whose dk/dv is accumulated: 0 with text grads, else Lt
+  int rows_per_block;
+};
+
+__device__ inline int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__host__ __device__ inline int smem_stride(int D) { return (D % 2) ? D : D + 1; }
+
+// Shared-memory floats of one block; the host uses the same formulas to size and check launches.
+inline int64_t fwd_smem_floats(int64_t Lk, int64_t D, int warps) {
+  return 2 * Lk * smem_stride(D) + int64_t(warps) * kRows * (D + Lk);
+}
+inline int64_t bwd_smem_floats(int64_t Lk, int64_t Lacc, int64_t D, int warps) {
+  return (2 * Lk + 2 * Lacc) * smem_stride(D) + int64_t(warps) * kRows * (2 * D + 2 * Lk);
+}
+
+template <typename T>
+__device__ inline float ld(const Tensor4& t, int64_t b, int64_t h, int64_t l, int64_t d) {
+  return static_cast<float>(static_cast<const T*>(t.ptr)[b * t.st.b + h * t.st.h + l * t.st.l + d * t.st.d]);
+}
+
+__device__ inline float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Stages keys [0, Lt) from the text tensor and [Lt, Lt + Lu) from the user tensor as fp32 rows.
+template <typename T>
+__device__ void stage_keys(const Tensor4& text, const Tensor4& user, const Shapes& s, int64_t b, int64_t bt,
+                           int64_t h, float* dst, int S) {
+  const int64_t Lk = s.Lt + s.Lu;
+  for (int64_t idx = threadIdx.x; idx < Lk * s.D; idx += blockDim.x) {
+    const int64_t j = idx / s.D, d = idx % s.D;
+    dst[j * S + d] = j < s.Lt ? ld<T>(text, bt, h, j, d) : ld<T>(user, b, h, j - s.Lt, d);
+  }
+}
+
+template <typename T, int NV>
+__global__ void dual_attn_fwd_kernel(const FwdParams p) {
+  extern __shared__ float smem[];
+  const Shapes& s = p.s;
+  const int64_t b = blockIdx.z, h = blockIdx.y, bt = b % s.Bt;
+  const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
+  const int S = smem_stride(D);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  float* ks = smem;
+  float* vs = ks + Lk * S;
+  float* qs = vs + Lk * S + warp * kRows * (D + Lk);  // kRows x D, this warp's
+  float* ps = qs + kRows * D;                         // kRows x Lk, this warp's
+  stage_keys<T>(p.kt, p.ku, s, b, bt, h, ks, S);
+  stage_keys<T>(p.vt, p.vu, s, b, bt, h, vs, S);
+  __syncthreads();
+
+  const float us = p.user_scale[b];
+  const int64_t row0 = int64_t(blockIdx.x) * p.rows_per_block;
+  const int64_t row_end = imin64(s.Lq, row0 + p.rows_per_block);
+  T* out = static_cast<T*>(p.out);
+  for (int64_t g = row0 + int64_t(warp) * kRows; g < row_end; g += int64_t(warps) * kRows) {
+    const int n = static_cast<int>(imin64(kRows, row_end - g));
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      for (int d = lane; d < D; d += 32) qs[r * D + d] = r < n ? ld<T>(p.q, b, h, g + r, d) * p.scale : 0.f;
+    __syncwarp();
+
+    float mt[kRows], mu[kRows];
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) mt[r] = mu[r] = -INFINITY;
+    for (int j = lane; j < Lk; j += 32) {
+      float acc[kRows] = {};
+      const float* kr = ks + j * S;
+      for (int d = 0; d < D; ++d) {
+        const float kv = kr[d];
+        #pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r] = fmaf(qs[r * D + d], kv, acc[r]);
+      }
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        ps[r * Lk + j] = acc[r];
+        if (j < Lt) mt[r] = fmaxf(mt[r], acc[r]);
+        else mu[r] = fmaxf(mu[r], acc[r]);
+      }
+    }
+    float st[kRows], su[kRows];
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      mt[r] = warp_max(mt[r]);
+      mu[r] = warp_max(mu[r]);
+      st[r] = su[r] = 0.f;
+    }
+    for (int j = lane; j < Lk; j += 32) {
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const bool text = j < Lt;
+        const float e = __expf(ps[r * Lk + j] - (text ? mt[r] : mu[r]));
+        ps[r * Lk + j] = e;
+        if (text) st[r] += e;
+        else su[r] += e;
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      st[r] = warp_sum(st[r]);
+      su[r] = warp_sum(su[r]);
+    }
+    for (int j = lane; j < Lk; j += 32) {
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) ps[r * Lk + j] *= j < Lt ? 1.f / st[r] : us / su[r];
+    }
+    // Constant register indices only (a lane-indexed mt[lane] would put the arrays in local memory).
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (lane == r && r < n) {
+        const int64_t i = (b * s.H + h) * s.Lq + g + r;
+        p.lse_t[i] = mt[r] + __logf(st[r]);
+        p.lse_u[i] = mu[r] + __logf(su[r]);
+      }
+    }
+    __syncwarp();
+
+    float acc[kRows][NV] = {};
+    for (int j = 0; j < Lk; ++j) {
+      const float* vr = vs + j * S;
+      float vv[NV];
+      #pragma unroll
+      for (int t = 0; t < NV; ++t) vv[t] = (lane + 32 * t < D) ? vr[lane + 32 * t] : 0.f;
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float pj = ps[r * Lk + j];
+        #pragma unroll
+        for (int t = 0; t < NV; ++t) acc[r][t] = fmaf(pj, vv[t], acc[r][t]);
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      #pragma unroll
+      for (int t = 0; t < NV; ++t) {
+        const int d = lane + 32 * t;
+        if (r < n && d < D) out[b * p.so.b + h * p.so.h + (g + r) * p.so.l + d * p.so.d] = static_cast<T>(acc[r][t]);
+      }
+    }
+    __syncwarp();  // qs / ps are rewritten by the next row group
+  }
+}
+
+template <typename T, int NV>
+__global__ void dual_attn_bwd_kernel(const BwdParams p) {
+  extern __shared__ float smem[];
+  const Shapes& s = p.s;
+  const int64_t b = blockIdx.z, h = blockIdx.y, bt = b % s.Bt;
+  const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
+  const int key0 = p.key0, Lacc = Lk - key0;
+  const int S = smem_stride(D);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  float* ks = smem;
+  float* vs = ks + Lk * S;
+  float* dks = vs + Lk * S;    // Lacc x S
+  float* dvs = dks + Lacc * S;  // Lacc x S
+  float* qs = dvs + Lacc * S + warp * kRows * (2 * D + 2 * Lk);  // kRows x D: q * scale
+  float* gs = qs + kRows * D;                                     // kRows x D: grad_out
+  float* ps = gs + kRows * D;                                     // kRows x Lk: P' (user x scale)
+  float* dss = ps + kRows * Lk;                                   // kRows x Lk: dP, then dS
+  stage_keys<T>(p.kt, p.ku, s, b, bt, h, ks, S);
+  stage_keys<T>(p.vt, p.vu, s, b, bt, h, vs, S);
+  for (int idx = threadIdx.x; idx < 2 * Lacc * S; idx += blockDim.x) dks[idx] = 0.f;
+  __syncthreads();
+
+  const float us = p.user_scale[b];
+  const int64_t row0 = int64_t(blockIdx.x) * p.rows_per_block;
+  const int64_t row_end = imin64(s.Lq, row0 + p.rows_per_block);
+  T* dq = static_cast<T*>(p.dq);
+  float dus = 0.f;  // this warp's share of d user_scale[b] (lane 0's copy is the one added)
+  for (int64_t g = row0 + int64_t(warp) * kRows; g < row_end; g += int64_t(warps) * kRows) {
+    const int n = static_cast<int>(imin64(kRows, row_end - g));
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      for (int d = lane; d < D; d += 32) {
+        qs[r * D + d] = r < n ? ld<T>(p.q, b, h, g + r, d) * p.scale : 0.f;
+        gs[r * D + d] = r < n ? ld<T>(p.go, b, h, g + r, d) : 0.f;
+      }
+    }
+    float lt[kRows], lu[kRows];
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = (b * s.H + h) * s.Lq + g + (r < n ? r : 0);
+      lt[r] = p.lse_t[i];
+      lu[r] = p.lse_u[i];
+    }
+    __syncwarp();
+
+    float dt[kRows] = {}, du[kRows] = {};
+    for (int j = lane; j < Lk; j += 32) {
+      float sc[kRows] = {}, dp[kRows] = {};
+      const float* kr = ks + j * S;
+      const float* vr = vs + j * S;
+      for (int d = 0; d < D; ++d) {
+        const float kv = kr[d], vv = vr[d];
+        #pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          sc[r] = fmaf(qs[r * D + d], kv, sc[r]);
+          dp[r] = fmaf(gs[r * D + d], vv, dp[r]);
+        }
+      }
+      const bool text = j < Lt;
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float pr = r < n ? __expf(sc[r] - (text ? lt[r] : lu[r])) : 0.f;
+        ps[r * Lk + j] = pr;
+        dss[r * Lk + j] = dp[r];
+        if (text) dt[r] += pr * dp[r];
+        else du[r] += pr * dp[r];
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      dt[r] = warp_sum(dt[r]);
+      du[r] = warp_sum(du[r]);
+      dus += du[r];  // zero for padding rows (their P is 0)
+    }
+    for (int j = lane; j < Lk; j += 32) {
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float pr = ps[r * Lk + j], dp = dss[r * Lk + j];
+        if (j < Lt) {
+          dss[r * Lk + j] = pr * (dp - dt[r]);
+        } else {
+          dss[r * Lk + j] = us * pr * (dp - du[r]);
+          ps[r * Lk + j] = us * pr;
+        }
+      }
+    }
+    __syncwarp();
+
+    float acc[kRows][NV] = {};
+    for (int j = 0; j < Lk; ++j) {
+      const float* kr = ks + j * S;
+      float kv[NV];
+      #pragma unroll
+      for (int t = 0; t < NV; ++t) kv[t] = (lane + 32 * t < D) ? kr[lane + 32 * t] : 0.f;
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float ds = dss[r * Lk + j];
+        #pragma unroll
+        for (int t = 0; t < NV; ++t) acc[r][t] = fmaf(ds, kv[t], acc[r][t]);
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      #pragma unroll
+      for (int t = 0; t < NV; ++t) {
+        const int d = lane + 32 * t;
+        if (r < n && d < D) dq[b * p.sdq.b + h * p.sdq.h + (g + r) * p.sdq.l + d * p.sdq.d] = static_cast<T>(acc[r][t] * p.scale);
+      }
+    }
+    // dk_j += dS_rj (scale q_r), dv_j += P'_rj dO_r; other warps add to the same rows, hence atomics.
+    for (int j = key0; j < Lk; ++j) {
+      #pragma unroll
+      for (int t = 0; t < NV; ++t) {
+        const int d = lane + 32 * t;
+        if (d >= D) continue;
+        float ak = 0.f, av = 0.f;
+        for (int r = 0; r < n; ++r) {
+          ak = fmaf(dss[r * Lk + j], qs[r * D + d], ak);
+          av = fmaf(ps[r * Lk + j], gs[r * D + d], av);
+        }
+        atomicAdd(dks + (j - key0) * S + d, ak);
+        atomicAdd(dvs + (j - key0) * S + d, av);
+      }
+    }
+    __syncwarp();  // qs / gs / ps / dss are rewritten by the next row group
+  }
+  if (lane == 0 && dus != 0.f) atomicAdd(p.d_user_scale + b, dus);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < Lacc * D; idx += blockDim.x) {
+    const int jj = idx / D, d = idx % D, j = jj + key0;
+    const float gk = dks[jj * S + d], gv = dvs[jj * S + d];
+    if (j < Lt) {
+      const int64_t o = ((bt * s.H + h) * s.Lt + j) * s.D + d;
+      atomicAdd(p.dk_text + o, gk);
+      atomicAdd(p.dv_text + o, gv);
+    } else {
+      const int64_t o = ((b * s.H + h) * s.Lu + (j - Lt)) * s.D + d;
+      atomicAdd(p.dk_user + o, gk);
+      atomicAdd(p.dv_user + o, gv);
+    }
+  }
+}
+
+Tensor4 t4(const at::Tensor& t) { return {t.const_data_ptr(), strides_of(t)}; }
+
+int max_smem_optin(int device) {
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return v;
+}
+
+// The most warps per block (8, 4 or 2) whose shared memory fits; fails naming the sizes otherwise.
+template <typename F>
+int pick_warps(F floats_for, int limit, const Shapes& s, const char* what) {
+  for (int w = kMaxWarps; w >= 2; w /= 2)
+    if (floats_for(w) * int64_t(sizeof(float)) <= limit) return w;
+  TORCH_CHECK(false, "dual_cross_attention (CUDA ", what, "): text length ", s.Lt, " + user length ", s.Lu,
+              " keys of head_dim ", s.D, " need ", floats_for(2) * int64_t(sizeof(float)),
+              " bytes of shared memory, the device allows ", limit,
+              "; use the reference path (ppd_engine.ops.dual_attention falls back automatically)");
+  return 0;
+}
+
+// Rows per block: 4 row groups per warp by default, fewer when that would leave SMs idle.
+int pick_rows(const Shapes& s, int warps) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int rows = warps * kRows * 4;
+  while (rows > warps * kRows && s.B * s.H * ((s.Lq + rows - 1) / rows) < 2 * sms) rows /= 2;
+  return rows;
+}
+
+template <typename Kernel>
+void set_smem(Kernel kernel, int64_t bytes) {
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+#define PPD_DUAL_ATTN_NV_CASES(NV_EXPR, ...)                       \
+  switch (NV_EXPR) {                                               \
+    case 1: { constexpr int NV = 1; __VA_ARGS__(); break; }        \
+    case 2: { constexpr int NV = 2; __VA_ARGS__(); break; }        \
+    case 3: { constexpr int NV = 3; __VA_ARGS__(); break; }        \
+    case 4: { constexpr int NV = 4; __VA_ARGS__(); break; }        \
+    case 5: { constexpr int NV = 5; __VA_ARGS__(); break; }        \
+    case 6: { constexpr int NV = 6; __VA_ARGS__(); break; }        \
+    case 7: { constexpr int NV = 7; __VA_ARGS__(); break; }        \
+    case 8: { constexpr int NV = 8; __VA_ARGS__(); break; }        \
+    default: TORCH_CHECK(false, "dual_cross_attention (CUDA): head_dim must be <= ", 32 * kMaxNV); \
+  }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_cross_attention_cuda(const at::Tensor& q, const at::Tensor& k_text,
+                                                                         const at::Tensor& v_text,
+                                                                         const at::Tensor& k_user,
+                                                                         const at::Tensor& v_user,
+                                                                         const at::Tensor& user_scale,
+                                                                         double softmax_scale) {
+  const Shapes s = check_inputs(q, k_text, v_text, k_user, v_user, user_scale);
+  TORCH_CHECK(s.D <= 32 * kMaxNV, "dual_cross_attention (CUDA): head_dim ", s.D, " > ", 32 * kMaxNV);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse_t = at::empty({s.B, s.H, s.Lq}, q.options().dtype(at::kFloat));
+  at::Tensor lse_u = at::empty({s.B, s.H, s.Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse_t, lse_u};
+  const at::Tensor us = user_scale.to(at::kFloat).contiguous();
+  const int64_t Lk = s.Lt + s.Lu;
+  const int warps = pick_warps([&](int w) { return fwd_smem_floats(Lk, s.D, w); }, max_smem_optin(q.get_device()),
+                               s, "forward");
+  const int64_t smem = fwd_smem_floats(Lk, s.D, warps) * sizeof(float);
+  FwdParams p{s, static_cast<float>(softmax_scale), t4(q), t4(k_text), t4(v_text), t4(k_user), t4(v_user),
+              us.const_data_ptr<float>(), out.mutable_data_ptr(), strides_of(out),
+              lse_t.mutable_data_ptr<float>(), lse_u.mutable_data_ptr<float>(), pick_rows(s, warps)};
+  const dim3 grid((s.Lq + p.rows_per_block - 1) / p.rows_per_block, s.H, s.B);
+  TORCH_CHECK(s.H <= 65535 && s.B <= 65535, "dual_cross_attention (CUDA): batch and heads must be <= 65535");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  PPD_DUAL_ATTN_DISPATCH(q.scalar_type(), "dual_cross_attention_cuda", [&] {
+    using T = scalar_t;
+    PPD_DUAL_ATTN_NV_CASES((s.D + 31) / 32, [&] {
+      auto kernel = dual_attn_fwd_kernel<T, NV>;
+      set_smem(kernel, smem);
+      kernel<<<grid, warps * 32, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, lse_t, lse_u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_cross_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k_text, const at::Tensor& v_text,
+    const at::Tensor& k_user, const at::Tensor& v_user, const at::Tensor& user_scale, const at::Tensor& lse_text,
+    const at::Tensor& lse_user, double softmax_scale, bool text_grads) {
+  const Shapes s = check_inputs(q, k_text, v_text, k_user, v_user, user_scale);
+  check_backward_extras(s, q, grad_out, lse_text, lse_user);
+  TORCH_CHECK(s.D <= 32 * kMaxNV, "dual_cross_attention (CUDA): head_dim ", s.D, " > ", 32 * kMaxNV);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor lt = lse_text.contiguous(), lu = lse_user.contiguous();
+  const at::Tensor us = user_scale.to(at::kFloat).contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk_user_acc = at::zeros({s.B, s.H, s.Lu, s.D}, f32), dv_user_acc = at::zeros({s.B, s.H, s.Lu, s.D}, f32);
+  at::Tensor dk_text_acc, dv_text_acc;
+  if (text_grads) {
+    dk_text_acc = at::zeros({s.Bt, s.H, s.Lt, s.D}, f32);
+    dv_text_acc = at::zeros({s.Bt, s.H, s.Lt, s.D}, f32);
+  }
+  at::Tensor dus = at::zeros({s.B}, f32);
+  if (s.Lq > 0) {
+    const int64_t Lk = s.Lt + s.Lu;
+    const int key0 = text_grads ? 0 : static_cast<int>(s.Lt);
+    const int warps = pick_warps([&](int w) { return bwd_smem_floats(Lk, Lk - key0, s.D, w); },
+                                 max_smem_optin(q.get_device()), s, "backward");
+    const int64_t smem = bwd_smem_floats(Lk, Lk - key0, s.D, warps) * sizeof(float);
+    BwdParams p{s, static_cast<float>(softmax_scale), t4(q), t4(k_text), t4(v_text), t4(k_user), t4(v_user),
+                t4(grad_out), us.const_data_ptr<float>(), lt.const_data_ptr<float>(), lu.const_data_ptr<float>(),
+                dq.mutable_data_ptr(), strides_of(dq),
+                text_grads ? dk_text_acc.mutable_data_ptr<float>() : nullptr,
+                text_grads ? dv_text_acc.mutable_data_ptr<float>() : nullptr, dk_user_acc.mutable_data_ptr<float>(),
+                dv_user_acc.mutable_data_ptr<float>(), dus.mutable_data_ptr<float>(), key0, pick_rows(s, warps)};
+    const dim3 grid((s.Lq + p.rows_per_block - 1) / p.rows_per_block, s.H, s.B);
+    TORCH_CHECK(s.H <= 65535 && s.B <= 65535, "dual_cross_attention (CUDA): batch and heads must be <= 65535");
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    PPD_DUAL_ATTN_DISPATCH(q.scalar_type(), "dual_cross_attention_backward_cuda", [&] {
+      using T = scalar_t;
+      PPD_DUAL_ATTN_NV_CASES((s.D + 31) / 32, [&] {
+        auto kernel = dual_attn_bwd_kernel<T, NV>;
+        set_smem(kernel, smem);
+        kernel<<<grid, warps * 32, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  } else {
+    dq.zero_();
+  }
+  at::Tensor dk_user = at::empty_like(k_user), dv_user = at::empty_like(v_user);
+  dk_user.copy_(dk_user_acc);
+  dv_user.copy_(dv_user_acc);
+  at::Tensor dk_text = at::empty({0}, k_text.options()), dv_text = at::empty({0}, v_text.options());
+  if (text_grads) {
+    dk_text = at::empty_like(k_text);
+    dv_text = at::empty_like(v_text);
+    dk_text.copy_(dk_text_acc);
+    dv_text.copy_(dv_text_acc);
+  }
+  return {dq, dk_text, dv_text, dk_user, dv_user, dus};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ppd, CUDA, m) {
+  m.impl("dual_cross_attention", &dual_cross_attention_cuda);
+  m.impl("dual_cross_attention_backward", &dual_cross_attention_backward_cuda);
+}
+
+}  // namespace ppd::dual_attention
