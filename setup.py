@@ -79,8 +79,10 @@ if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) if use_cuda else []
 
-opt = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags = opt + ["-fopenmp", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+# Python's own CFLAGS carry -g; -g0 (last wins) keeps release builds free of debug info.
+opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+# py_limited_api=True makes torch define Py_LIMITED_API itself.
+cxx_flags = opt + ["-fopenmp", "-std=c++20"]
 nvcc_flags = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
     "-std=c++20",
     "--use_fast_math",
@@ -114,5 +116,5 @@ print(
 setup(
     ext_modules=[] if os.environ.get("PPD_NO_EXT") == "1" else [ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
