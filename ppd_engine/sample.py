@@ -1,0 +1,187 @@
+"""`python -m ppd_engine.sample`: images from a trained run for a user, an embedding file or a mix.
+
+    python -m ppd_engine.sample --run RUN --user warm_bright --prompt "a circle" --n 8 --out out/
+    python -m ppd_engine.sample --run RUN --embedding me.safetensors --prompt "a cat" --out out/
+    python -m ppd_engine.sample --run RUN --mix warm_bright:0.5,cool_dark:0.5 --prompt "a ring" --out out/
+
+Works for toy and real-model runs alike (the run's config says which model to build). Writes
+OUT/<i>.png, OUT/contact_sheet.png and OUT/sample.json (the settings, for reproducing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _store_path(run: Path, cfg) -> Path:
+    """The run's user-embedding store: data.embeddings, else RUN/embeddings.safetensors (toy runs)."""
+    candidates = [Path(cfg.data.embeddings)] if cfg.data.embeddings else []
+    candidates.append(run / "embeddings.safetensors")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"no user-embedding store for run {run} (looked at {', '.join(map(str, candidates))}); "
+                            "use --embedding FILE")
+
+
+def _user_embedding(store, name: str) -> torch.Tensor:
+    if name not in store:
+        raise KeyError(f"user {name!r} is not in {store.path}; users: {', '.join(store.users()[:20])}"
+                       f"{' ...' if len(store) > 20 else ''}")
+    return store.get(name)[0].float()
+
+
+def load_embedding_file(path: str | os.PathLike) -> torch.Tensor:
+    """A safetensors file -> one embedding (T_in, Du).
+
+    Accepted: a file with a single tensor (T_in, Du) or (K, T_in, Du) (first of K), a tensor named
+    "embedding", or a one-user EmbeddingStore file."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--embedding {path}: expected a .safetensors file")
+    tensors = load_file(str(path))
+    if "embedding" in tensors:
+        t = tensors["embedding"]
+    elif len(tensors) == 1:
+        t = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"--embedding {path}: holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:8])}); "
+                         "name the one to use 'embedding' or keep a single tensor")
+    if t.dim() == 3:
+        t = t[0]
+    if t.dim() != 2:
+        raise ValueError(f"--embedding {path}: tensor must be (T_in, Du) or (K, T_in, Du), got {tuple(t.shape)}")
+    return t.float()
+
+
+def parse_mix(spec: str) -> list[tuple[str, float]]:
+    """'A:0.7,B:0.3' -> [("A", 0.7), ("B", 0.3)]."""
+    out = []
+    for part in spec.split(","):
+        name, sep, w = part.strip().rpartition(":")
+        if not sep or not name:
+            raise ValueError(f"--mix {spec!r}: each item must be NAME:WEIGHT")
+        try:
+            out.append((name, float(w)))
+        except ValueError:
+            raise ValueError(f"--mix {spec!r}: weight {w!r} of {name!r} is not a number") from None
+    if not out:
+        raise ValueError("--mix needs at least one NAME:WEIGHT")
+    return out
+
+
+def contact_sheet(images: torch.Tensor, min_side: int = 128, pad: int = 2):
+    """(N, 3, H, W) in [0, 1] -> a PIL image grid (nearest-upscaled so tiny images stay visible)."""
+    import numpy as np
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    zoom = max(1, math.ceil(min_side / max(h, w)))
+    cols = min(n, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    sheet = Image.new("RGB", (cols * (w * zoom + pad) + pad, rows * (h * zoom + pad) + pad), (255, 255, 255))
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        tile = Image.fromarray(arr, "RGB").resize((w * zoom, h * zoom), Image.NEAREST)
+        sheet.paste(tile, (pad + (i % cols) * (w * zoom + pad), pad + (i // cols) * (h * zoom + pad)))
+    return sheet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ppd_engine.sample",
+                                description="Sample images from a trained PPD run for a user, an embedding file or a "
+                                            "mix of users (classifier-free guidance over the text, optionally over "
+                                            "the user).")
+    p.add_argument("--run", required=True, metavar="RUN", help="run folder (RUN/config.yaml, RUN/checkpoints/)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="NAME", help="a user of the run's embedding store (toy: its 4-shot embedding)")
+    who.add_argument("--embedding", metavar="FILE", help="a .safetensors file holding one embedding (T_in, Du)")
+    who.add_argument("--mix", metavar="NAME:W,NAME:W", help="weighted sum of users' embeddings, e.g. a:0.7,b:0.3")
+    who.add_argument("--base", action="store_true", help="no user: the frozen base model (user branch off)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the caption")
+    p.add_argument("--n", type=int, default=8, help="number of images (seeds SEED .. SEED+n-1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for <i>.png, contact_sheet.png, sample.json")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text classifier-free guidance scale (default: toy.guidance for toy runs, else log.sample_guidance)")
+    p.add_argument("--user-guidance", type=float, default=0.0,
+                   help="extra guidance away from the zero (user-agnostic) embedding; 0 = off")
+    p.add_argument("--user-scale", type=float, default=1.0, help="strength of the user attention branch")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: toy.sample_steps for toy runs, else log.sample_steps)")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim", help="ddim (eta 0) or dpm (DPM-Solver++ 2M)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--checkpoint", default="latest", help="'latest' or a RUN/checkpoints/step-N folder")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=0, help="images per UNet call (0 = all at once)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be >= 1")
+    from ppd_engine.embed.store import EmbeddingStore
+    from ppd_engine.sampling import generate
+    from ppd_engine.toyworld.report import save_png
+    from ppd_engine.training import load_run
+
+    run = Path(args.run)
+    try:
+        cfg, model = load_run(run, checkpoint=args.checkpoint, device=args.device)
+        if args.base:
+            embed, source = None, "base"
+        elif args.embedding:
+            embed, source = load_embedding_file(args.embedding), f"file {args.embedding}"
+        else:
+            store = EmbeddingStore(str(_store_path(run, cfg)))
+            if args.user:
+                embed, source = _user_embedding(store, args.user), f"user {args.user}"
+            else:
+                mix = parse_mix(args.mix)
+                embed = sum(w * _user_embedding(store, name) for name, w in mix)
+                source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    toy = cfg.world == "toy"
+    guidance = args.guidance if args.guidance is not None else (cfg.toy.guidance if toy else cfg.log.sample_guidance)
+    steps = args.steps if args.steps is not None else (cfg.toy.sample_steps if toy else cfg.log.sample_steps)
+    seeds = [args.seed + i for i in range(args.n)]
+    embeds = None if embed is None else embed[None].expand(args.n, -1, -1).contiguous()
+    try:
+        images = generate(model, [args.prompt] * args.n, embeds, seeds, steps=steps, guidance=guidance,
+                          user_guidance=args.user_guidance, user_scale=args.user_scale, sampler=args.sampler,
+                          batch_size=args.batch_size, progress=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, out / f"{i}.png")
+    sheet = out / "contact_sheet.png"
+    tmp = sheet.with_name(".contact_sheet.png.tmp")
+    contact_sheet(images).save(tmp, format="PNG")
+    os.replace(tmp, sheet)
+    record = {"run": str(run), "checkpoint": args.checkpoint, "who": source, "prompt": args.prompt, "n": args.n,
+              "seeds": seeds, "steps": steps, "guidance": guidance, "user_guidance": args.user_guidance,
+              "user_scale": args.user_scale, "sampler": args.sampler}
+    tmp = out / ".sample.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / "sample.json")
+    print(f"{args.n} images for {source} ({args.prompt!r}) -> {out}  (contact sheet: {sheet})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Sampling from a (user-conditioned) DiffusionModel: DDIM / DPM-Solver++ with classifier-free guidance.
+
+    images = generate(model, prompts, user_embeds, seeds, steps=30, guidance=5.0)   # (N, 3, H, W) in [0, 1]
+
+Guidance, with c the caption, u the user embedding and 0 the zero embedding (the branch that
+embedding dropout trains, the "any user" condition):
+
+    eps = eps(empty, u) + guidance * (eps(c, u) - eps(empty, u))
+          + user_guidance * (eps(c, u) - eps(c, 0))                   # only when user_guidance > 0
+
+so the user is present in both text branches (as IP-Adapter conditions its negative branch on the
+image too) and user guidance pushes away from the user-agnostic prediction. `user_embeds=None`
+samples the base model (the user branch off, gate 0), which is also what a model without
+adapters does. Each sample's starting noise comes from its own seed, so an image does not depend
+on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+SAMPLERS = ("ddim", "dpm")
+
+
+def _scheduler(model, sampler: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cfg = dict(model.noise_scheduler.config)
+    # "trailing" spacing starts at the last training timestep (pure noise), which matters at the
+    # 10-30 steps used here (Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed").
+    # clip_sample comes from the model's own schedule: on for pixel-space toy models, off for latents.
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=False)
+    if sampler == "dpm":
+        return DPMSolverMultistepScheduler.from_config(cfg, timestep_spacing="trailing",
+                                                       algorithm_type="dpmsolver++", solver_order=2)
+    raise ValueError(f"sampler={sampler!r}; choose one of {SAMPLERS}")
+
+
+def _latent_shape(model) -> tuple[int, int]:
+    channels = int(model.unet.config.in_channels)
+    if model.vae is None:
+        return channels, int(model.resolution)
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return channels, int(model.resolution) // factor
+
+
+def initial_noise(seeds: Sequence[int], channels: int, side: int) -> torch.Tensor:
+    """(N, channels, side, side) float32 standard normal noise, sample i drawn from seeds[i] alone."""
+    return torch.stack([torch.randn(channels, side, side, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+def _has_adapters(unet) -> bool:
+    from ppd_engine.adapters import get_user_adapters
+
+    try:
+        get_user_adapters(unet)
+        return True
+    except ValueError:
+        return False
+
+
+@torch.no_grad()
+def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds: list[int], steps: int = 30,
+             guidance: float = 5.0, user_guidance: float = 0.0, user_scale: float = 1.0, *,
+             sampler: str = "ddim", batch_size: int = 0, progress: bool = False) -> torch.Tensor:
+    """Sample N images.
+
+    Args:
+        model: a DiffusionModel (toy, sd15 or sdxl); its unet may carry user adapters.
+        prompts: N captions.
+        user_embeds: (N, T_in, Du) few-shot user embeddings, or None for the base model.
+        seeds: N ints; sample i starts from noise drawn with seeds[i] only.
+        steps: sampler steps. guidance: text classifier-free guidance scale (1 = off, one pass less).
+        user_guidance: extra guidance away from the zero-embedding (user-agnostic) branch; 0 = off.
+        user_scale: strength of the user attention branch (the adapters' scale) for this call.
+        sampler: "ddim" (eta 0) or "dpm" (DPM-Solver++ 2M). batch_size: samples per UNet call
+            (0 = all N at once). progress: show a tqdm bar over the batches.
+    Returns:
+        (N, 3, H, W) float32 images in [0, 1], on the CPU.
+    """
+    n = len(prompts)
+    if len(seeds) != n:
+        raise ValueError(f"got {n} prompts but {len(seeds)} seeds")
+    if n == 0:
+        raise ValueError("generate needs at least one prompt")
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    if user_embeds is not None:
+        if user_embeds.dim() != 3 or user_embeds.shape[0] != n:
+            raise ValueError(f"user_embeds must be (N={n}, T_in, Du); got {tuple(user_embeds.shape)}")
+        if not _has_adapters(model.unet):
+            raise ValueError("user_embeds given but the model's unet has no user adapters (load a run)")
+    if user_guidance and user_embeds is None:
+        raise ValueError("user_guidance needs user_embeds")
+    bs = batch_size if batch_size > 0 else n
+    chunks = range(0, n, bs)
+    out = []
+    for start in tqdm(chunks, desc="sampling", disable=not progress, leave=False):
+        sl = slice(start, start + bs)
+        ue = None if user_embeds is None else user_embeds[sl]
+        out.append(_generate_batch(model, list(prompts[sl]), ue, list(seeds[sl]), steps, guidance,
+                                   user_guidance, user_scale, sampler))
+    return torch.cat(out)
+
+
+def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale, sampler):
+    from ppd_engine.adapters import user_conditioning
+
+    unet = model.unet
+    p = next(unet.parameters())
+    device, dtype = p.device, p.dtype
+    n = len(prompts)
+    sched = _scheduler(model, sampler)
+    sched.set_timesteps(steps, device=device)
+    channels, side = _latent_shape(model)
+    latents = initial_noise(seeds, channels, side).to(device=device, dtype=torch.float32) * sched.init_noise_sigma
+
+    cond = model.encode_text(prompts)
+    use_cfg = guidance != 1.0
+    use_ug = user_guidance != 0.0
+    # Branches stacked into one UNet batch: [cond | empty (text CFG) | cond with zero user (user CFG)].
+    states, pooled, embeds = [cond.states], [cond.pooled], [user_embeds]
+    if use_cfg:
+        empty = model.encode_text([""] * n)
+        states.append(empty.states)
+        pooled.append(empty.pooled)
+        embeds.append(user_embeds)
+    if use_ug:
+        states.append(cond.states)
+        pooled.append(cond.pooled)
+        embeds.append(torch.zeros_like(user_embeds))
+    k = len(states)
+    text = torch.cat(states).to(device=device, dtype=dtype)
+    added = None
+    if cond.pooled is not None:
+        from ppd_engine.models import make_time_ids
+
+        res = int(model.resolution)
+        time_ids = make_time_ids((res, res), (0, 0), (res, res)).to(device=device, dtype=dtype).expand(k * n, 6)
+        added = model.added_cond(torch.cat(pooled).to(device=device, dtype=dtype), time_ids)
+    user = None if user_embeds is None else torch.cat(embeds).to(device=device, dtype=torch.float32)
+
+    if user is not None:
+        ctx = user_conditioning(unet, user, gate=1.0, drop=False)
+    elif _has_adapters(unet):
+        ctx = user_conditioning(unet, None)
+    else:
+        ctx = contextlib.nullcontext()
+    with _adapter_scale(unet, user_scale, user is not None), ctx:
+        for t in sched.timesteps:
+            x = sched.scale_model_input(latents, t).repeat(k, 1, 1, 1).to(dtype)
+            kwargs = {"added_cond_kwargs": added} if added is not None else {}
+            eps = unet(x, t, encoder_hidden_states=text, return_dict=False, **kwargs)[0].float()
+            parts = eps.chunk(k)
+            pred = parts[0]
+            if use_cfg:
+                pred = parts[1] + guidance * (parts[0] - parts[1])
+            if use_ug:
+                pred = pred + user_guidance * (parts[0] - parts[-1])
+            latents = sched.step(pred, t, latents, return_dict=False)[0]
+    return model.decode_latents(latents).float().cpu()
+
+
+@contextlib.contextmanager
+def _adapter_scale(unet, scale: float, active: bool):
+    """Temporarily set the adapters' inference scale (a no-op without a user)."""
+    if not active or scale == 1.0:
+        yield
+        return
+    from ppd_engine.adapters import get_user_adapters
+
+    handle = get_user_adapters(unet)
+    saved = handle.scale
+    handle.scale = float(scale)
+    try:
+        yield
+    finally:
+        handle.scale = saved

@@ -1,0 +1,74 @@
+"""The `toy` section of the root config: everything the embedded toy world needs.
+
+Other sections of the root `Config` (train, optim, loss, adapters, log, ...) apply to the toy run
+too: PPD and its non-personalized DPO baseline both train with them, so both get the same budget
+(train.max_steps x train.pairs_per_step). This section describes the world (images, users,
+few-shot data) and the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _default_seen() -> list[str]:
+    return ["warm_bright", "cool_dark", "warm_dark", "cool_bright",
+            "vivid", "muted", "high_contrast", "bright_vivid"]
+
+
+def _default_unseen() -> list[str]:
+    return ["sunset", "night"]
+
+
+def _default_interp() -> list[str]:
+    return ["warm_bright:cool_dark", "vivid:muted"]
+
+
+def _default_lambdas() -> list[float]:
+    return [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@dataclass
+class ToyConfig:
+    """Toy world: procedural scenes, users as weights over REWARDS, few-shot embeddings, eval."""
+
+    image_size: int = field(default=16, metadata={
+        "help": "side of the square RGB scenes in pixels; the pretrained asset fixes it (16)"})
+    pretrained: str = field(default="", metadata={
+        "help": "base model safetensors; empty = the shipped asset ppd_engine/toyworld/assets/toy_base.safetensors"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the world: scenes, labels, few-shot subsets, eval seeds"})
+    seen_users: list[str] = field(default_factory=_default_seen, metadata={
+        "help": "users whose preference pairs train PPD (names from ppd_engine.toyworld.users.USERS)"})
+    unseen_users: list[str] = field(default_factory=_default_unseen, metadata={
+        "help": "users never trained on; only their 4 few-shot pairs are read, at evaluation"})
+    pairs_per_user: int = field(default=512, metadata={
+        "help": "labelled preference pairs generated per seen user (training data)"})
+    label_scale: float = field(default=20.0, metadata={
+        "help": "Bradley-Terry sharpness: P(a preferred) = sigmoid(label_scale * (r_a - r_b)); "
+                "lower = noisier labels"})
+    n_shots: int = field(default=4, metadata={
+        "help": "labelled pairs per few-shot user embedding (the paper's N = 4)"})
+    embeddings_per_user: int = field(default=16, metadata={
+        "help": "K: few-shot embeddings per user, each from a different n_shots subset of its pairs"})
+    eval_samples_per_user: int = field(default=32, metadata={
+        "help": "samples per user per model (base, dpo, ppd) for win rates; same prompts and seeds across models"})
+    sample_steps: int = field(default=12, metadata={
+        "help": "DDIM steps when sampling for evaluation"})
+    guidance: float = field(default=2.0, metadata={
+        "help": "classifier-free guidance scale over the caption during evaluation"})
+    user_guidance: float = field(default=0.0, metadata={
+        "help": "extra classifier-free guidance over the user embedding (0 = off)"})
+    eval_batch: int = field(default=256, metadata={
+        "help": "images sampled per batched call during evaluation"})
+    interpolation_pairs: list[str] = field(default_factory=_default_interp, metadata={
+        "help": "user pairs 'A:B' whose embeddings are mixed lambda*A + (1-lambda)*B at inference"})
+    interpolation_lambdas: list[float] = field(default_factory=_default_lambdas, metadata={
+        "help": "mixing weights of the first user along the interpolation"})
+    interpolation_samples: int = field(default=32, metadata={
+        "help": "samples per lambda of each interpolation"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads for the toy run; 0 = torch's default. 1 is often as fast for 16x16 "
+                "images and far more robust on a busy machine"})
+    report_samples: int = field(default=4, metadata={
+        "help": "samples per (user, model) cell shown in report.png"})

@@ -1,0 +1,102 @@
+"""configs/toy_smoke.yaml end to end through `python -m ppd_engine.train` (the same path as the
+default run), the report recomputed from the saved PNGs, and the sampling CLI on the result."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppd_engine.toyworld.report import MODELS, compute_report, load_folder, spearman, win_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    from ppd_engine.train import main
+
+    saved = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("toy") / "run"
+    try:
+        rc = main(["--config", str(ROOT / "configs" / "toy_smoke.yaml"), f"log.run_dir={run}"])
+    finally:
+        torch.set_num_threads(saved)
+    assert rc == 0
+    return run
+
+
+def test_smoke_run_writes_everything(smoke_run, capsys):
+    run = smoke_run
+    report = json.loads((run / "report.json").read_text())
+    users = report["users"]
+    assert list(users) == ["warm_bright", "cool_dark", "vivid", "sunset"]
+    assert users["sunset"]["split"] == "unseen" and users["vivid"]["split"] == "seen"
+    for name in users:
+        for m in MODELS:
+            assert len(list((run / "eval" / m / name).glob("*.png"))) == 4
+    assert (run / "report.png").stat().st_size > 0
+    assert (run / "checkpoints").is_dir() and (run / "dpo" / "checkpoints").is_dir()
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    for key in ("seen", "unseen", "all", "goals", "all_goals_met"):
+        assert key in report["summary"]
+    interp = report["interpolation"]["warm_bright:cool_dark"]
+    assert interp["lambdas"] == [0.0, 0.5, 1.0] and len(interp["mean_reward_first"]) == 3
+    assert report["summary"]["budget"]["steps"] == report["summary"]["budget"]["dpo_steps"] == 3
+    # The report is exactly what the PNGs say.
+    meta = {n: {"split": u["split"], "weights": u["weights"]} for n, u in users.items()}
+    again = compute_report(run, meta, [("warm_bright", "cool_dark")], [0.0, 0.5, 1.0])
+    for n in users:
+        for k in ("ppd_vs_base", "ppd_vs_dpo", "dpo_vs_base"):
+            assert again["users"][n][k] == pytest.approx(users[n][k])
+    # Same index = same prompt and seed: base and dpo samples are shared by all users.
+    a = load_folder(run / "eval" / "base" / "warm_bright")
+    assert torch.equal(a, load_folder(run / "eval" / "base" / "sunset"))
+
+
+def test_win_rate_and_spearman():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b = torch.tensor([0.0, 2.0, 5.0, 1.0])
+    assert win_rate(a, b) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate(b, a) == pytest.approx(1 - win_rate(a, b))
+    with pytest.raises(ValueError):
+        win_rate(a, b[:3])
+    assert spearman([0, 0.25, 0.5, 0.75, 1], [1, 2, 3, 10, 11]) == pytest.approx(1.0)
+    assert spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take average ranks: scipy.stats.spearmanr([1,2,3,4],[1,1,2,3]) = 0.9486832980505138
+    assert spearman([1, 2, 3, 4], [1, 1, 2, 3]) == pytest.approx(0.9486832980505138)
+
+
+@pytest.mark.parametrize("who", [["--user", "sunset"], ["--mix", "warm_bright:0.7,cool_dark:0.3"], ["--embedding"]])
+def test_sample_cli(smoke_run, tmp_path, who):
+    from ppd_engine.sample import main
+
+    if who == ["--embedding"]:
+        from safetensors.torch import save_file
+
+        from ppd_engine.embed.store import EmbeddingStore
+
+        e = EmbeddingStore(str(smoke_run / "embeddings.safetensors")).get("vivid")[0]
+        f = tmp_path / "me.safetensors"
+        save_file({"embedding": e.contiguous()}, str(f))
+        who = ["--embedding", str(f)]
+    out = tmp_path / "out"
+    saved = torch.get_num_threads()
+    try:
+        rc = main(["--run", str(smoke_run), *who, "--prompt", "a ring", "--n", "3", "--out", str(out),
+                   "--steps", "2", "--seed", "5", "--user-scale", "0.8"])
+    finally:
+        torch.set_num_threads(saved)
+    assert rc == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png", "2.png", "contact_sheet.png"]
+    rec = json.loads((out / "sample.json").read_text())
+    assert rec["seeds"] == [5, 6, 7] and rec["user_scale"] == 0.8
+
+
+def test_sample_cli_errors(smoke_run, tmp_path, capsys):
+    from ppd_engine.sample import main
+
+    assert main(["--run", str(smoke_run), "--user", "nobody", "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert "nobody" in capsys.readouterr().err
+    assert main(["--run", str(smoke_run), "--mix", "warm_bright", "--prompt", "x", "--out", str(tmp_path)]) == 2
+    assert main(["--run", str(tmp_path), "--user", "sunset", "--prompt", "x", "--out", str(tmp_path)]) == 2
