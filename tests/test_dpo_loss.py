@@ -240,3 +240,24 @@ def test_float64_uses_reference_path():
     assert loss.dtype == torch.float64
     exact = R.dpo_loss_reference(model, ref, target, None, 20.0)
     torch.testing.assert_close(loss, exact[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_kernel_multithreaded_matches_reference(threads):
+    """conftest runs tests on one thread; the OpenMP split over samples and chunks is checked here."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, ref, target = make_inputs(5, (4, 33, 37), torch.float32, "cpu")
+        m = model.clone().requires_grad_()
+        out = dpo_loss(m, ref, target, beta=500.0)
+        out[0].backward()
+        m64 = model.double().requires_grad_()
+        exact = R.dpo_loss_reference(m64, ref.double(), target.double(), None, 500.0)
+        exact[0].backward()
+        for name, f, x in zip(("loss", "inside", "model_mse", "ref_mse"), out, exact):
+            torch.testing.assert_close(f.double(), x.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(m.grad.double(), m64.grad, rtol=1e-4, atol=1e-9)
+    finally:
+        torch.set_num_threads(saved)

@@ -235,3 +235,22 @@ def test_scale_default_is_inverse_sqrt_head_dim():
     q, kt, vt, ku, vu, us = make_inputs(1, 1, 1, 6, 5, 2, 40)
     assert torch.equal(dual_cross_attention(q, kt, vt, ku, vu, us),
                        dual_cross_attention(q, kt, vt, ku, vu, us, softmax_scale=1 / math.sqrt(40)))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_kernel_multithreaded_matches_float64(threads):
+    """conftest runs tests on one thread; the OpenMP split over (b, h, query blocks) and the
+    reductions of the user K/V gradients across threads are checked here."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(3, 1, 2, 301, 77, 4, 40)
+        go = torch.randn_like(inputs[0])
+        out, grads = grads_of(dual_cross_attention, inputs, go)
+        ref, ref_grads = grads_of(ref64, inputs, go)
+        assert max_err(out, ref) < 2e-5 * max(1.0, ref.abs().max().item())
+        for name, g, r in zip(("q", "k_text", "v_text", "k_user", "v_user", "user_scale"), grads, ref_grads):
+            assert max_err(g, r) < 2e-5 * max(1.0, r.abs().max().item()), f"grad {name}"
+    finally:
+        torch.set_num_threads(saved)
