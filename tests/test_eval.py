@@ -182,6 +182,18 @@ def test_run_beta_reads_run_config(tmp_path):
 
 # --- generation plumbing ------------------------------------------------------------------------
 
+def test_baseline_detected_from_checkpoint_state(tmp_path):
+    """The trainer records personalized in state.json; eval reads it so --no-user is optional."""
+    import json
+
+    for name, flag in (("ppd", True), ("dpo", False)):
+        step = tmp_path / name / "checkpoints" / "step-3"
+        step.mkdir(parents=True)
+        (step / "state.json").write_text(json.dumps({"step": 3, "personalized": flag}))
+    cs = parse_checkpoints([f"ppd={tmp_path / 'ppd'}", f"dpo={tmp_path / 'dpo'}"])
+    assert [(c.name, c.personalized) for c in cs] == [("ppd", True), ("dpo", False)]
+
+
 def test_parse_checkpoints_and_user_dirs():
     cs = parse_checkpoints(["ppd=runs/a", "runs/dpo/"], no_user=["dpo"])
     assert [(c.name, c.run_dir, c.personalized) for c in cs] == [

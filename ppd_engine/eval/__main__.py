@@ -28,7 +28,8 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
                             "--checkpoint dpo=runs/dpo). The first listed is 'first' in win rates.")
         g.add_argument("--no-user", action="append", default=[], metavar="NAME",
                        help="a checkpoint trained non-personalized (the Diffusion-DPO baseline): "
-                            "sample it with the zero user embedding it was trained with; repeatable")
+                            "sample it with the zero user embedding it was trained with; repeatable. "
+                            "Runs whose checkpoint records personalized=false are detected without it")
     g.add_argument("--store", required=True,
                    help="user-embedding store (.safetensors written by python -m ppd_engine.embed)")
     g.add_argument("--users", nargs="+", default=None, metavar="USER",

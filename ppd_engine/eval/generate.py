@@ -45,8 +45,19 @@ def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = ()) -> list
     if unknown:
         raise ValueError(f"--no-user names unknown checkpoint(s) {sorted(unknown)}; known: {sorted(seen)}")
     for c in out:
-        c.personalized = c.name not in set(no_user)
+        c.personalized = c.name not in set(no_user) and run_is_personalized(c.run_dir)
     return out
+
+
+def run_is_personalized(run_dir: str) -> bool:
+    """What the run's latest checkpoint recorded (state.json "personalized"); runs written before
+    the trainer recorded it count as personalized, so --no-user is still needed for those."""
+    from ppd_engine.training.checkpoint import latest_checkpoint, read_json
+
+    ckpt = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if ckpt is None or not (ckpt / "state.json").is_file():
+        return True
+    return bool(read_json(ckpt / "state.json").get("personalized", True))
 
 
 def user_dir(user_id: str) -> str:
