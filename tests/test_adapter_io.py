@@ -15,15 +15,6 @@ from ppd_engine.testing.tiny_unets import tiny_batch, tiny_unet
 USER_DIM = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are overhead-bound; one thread avoids OpenMP spinning on a shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _trained(family, seed=1, **kw):
     model = tiny_unet(family)
     handle = add_user_adapters(model, user_dim=USER_DIM, **kw)

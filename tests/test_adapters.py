@@ -11,16 +11,6 @@ from ppd_engine.testing.tiny_unets import FAMILIES, tiny_batch, tiny_unet
 USER_DIM = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is as fast, and on a shared machine
-    two spinning OpenMP threads made each forward ~20x slower (measured: 0.16 s vs 3.2 s)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _run(model, batch):
     return call_model(model, batch["noisy_latents"], batch["timesteps"], batch["encoder_hidden_states"],
                       **batch["kwargs"])

@@ -12,15 +12,6 @@ from ppd_engine.embed.vlm import load_vlm
 from ppd_engine.testing.tiny_vlm import NUM_LAYERS, TEXT_WIDTH, make_tiny_llava
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny model's ops are far too small to split; on a shared 2-core box extra threads only spin.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = make_tiny_llava(str(tmp_path_factory.mktemp("tiny_llava")))

@@ -9,15 +9,6 @@ import torch
 from ppd_engine.probe_users import ProbeConfig, main, probe, resolve_layers, split_users, topk_accuracy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: on a shared 2-core box a second thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _synthetic(n_users=23, k=5, t=3, d=29, informative=(2,), spread=3.0, noise=0.4, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {}

@@ -12,16 +12,6 @@ from ppd_engine.toyworld.model import build_components, make_diffusion_model
 PROMPTS = ["a circle", "a ring", "a cross"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 8x8 images: thread start-up costs more than it saves, and on a loaded shared machine two
-    # threads waiting on each other make these tests many times slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _model(seed=0, adapters=False, user_dim=6, in_tokens=3):
     unet, text, sched = build_components(image_size=8, text_dim=16, seed=seed)
     model = make_diffusion_model(unet, text, sched)
