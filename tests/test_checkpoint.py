@@ -15,7 +15,7 @@ from ppd_engine.config import load_config
 from ppd_engine.training import Trainer, load_run
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training.optim import build_optimizer, load_optimizer_state, save_optimizer_state
-from test_train import make_embeddings, make_items, one_thread, tiny_model  # noqa: F401
+from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 
 BASE = ["train.pairs_per_step=4", "train.micro_batch=2", "train.max_steps=6", "train.mixed_precision=fp32",
         "optim.lr=1e-3", "optim.warmup_steps=2", "optim.min_8bit_size=256", "log.tensorboard=false",
@@ -49,7 +49,7 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path, one_thread):  # noqa: F811
+def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path):
     full = tmp_path / "full"
     _fit(full)
     # Killed during step 5 (after the step-3 checkpoint, 4 steps x 4 reads + 1 into step 5).
@@ -71,14 +71,14 @@ def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path, one_thread):  #
     assert any(v.dtype == torch.uint8 for v in oa.values())  # the 8-bit state went through the file
 
 
-def test_resume_rejects_changed_data_order(tmp_path, one_thread):  # noqa: F811
+def test_resume_rejects_changed_data_order(tmp_path):
     _fit(tmp_path, ["train.max_steps=3"])
     with pytest.raises(ValueError, match="pairs_per_step"):
         _fit(tmp_path, ["checkpoint.resume=latest", "train.pairs_per_step=2", "train.micro_batch=1"])
 
 
 @pytest.mark.slow
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch, one_thread):  # noqa: F811
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     import ppd_engine.training.trainer as trainer_mod
 
     real = trainer_mod.save_optimizer_state
@@ -102,7 +102,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch, one_
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 6]
 
 
-def test_keep_last_and_load_run(tmp_path, one_thread):  # noqa: F811
+def test_keep_last_and_load_run(tmp_path):
     _fit(tmp_path, ["train.max_steps=4", "checkpoint.every=1", "checkpoint.keep_last=2"])
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
     files = sorted(os.listdir(tmp_path / "checkpoints" / "step-4"))

@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from test_train import make_embeddings, make_items, one_thread, tiny_model  # noqa: F401
+from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 
 LR = 1e-3
 STEPS = 3
@@ -94,7 +94,7 @@ def _compare(mode: str, optim: str, tmp: str) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_fsdp2_shard_adamw8bit_two_ranks_equal_one(tmp_path, one_thread):  # noqa: F811
+def test_fsdp2_shard_adamw8bit_two_ranks_equal_one(tmp_path):
     ck1, ck2 = _compare("shard", "adamw8bit", str(tmp_path))
     # Each rank saved its own shard of the optimizer state; the big tensors' state is 8-bit.
     for ck, files in ((ck1, ["optimizer-rank0"]), (ck2, ["optimizer-rank0", "optimizer-rank1"])):
@@ -107,7 +107,7 @@ def test_fsdp2_shard_adamw8bit_two_ranks_equal_one(tmp_path, one_thread):  # noq
 
 
 @pytest.mark.slow
-def test_replicated_adapters_two_ranks_equal_one(tmp_path, one_thread):  # noqa: F811
+def test_replicated_adapters_two_ranks_equal_one(tmp_path):
     ck1, ck2 = _compare("replicate", "adamw8bit", str(tmp_path))
     # Replicas hold identical optimizer state: rank 0 writes it once.
     assert [f for f in os.listdir(ck2) if f.startswith("optimizer") and f.endswith(".safetensors")] == \

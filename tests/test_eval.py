@@ -487,7 +487,7 @@ def test_load_judge_shots_from_pickapic_folder(tmp_path):
 def _tiny_runs(root):
     """1-step runs on H4a's tiny SD1.5 pipeline through H4b's Trainer: PPD (personalized, β 1000 and
     2000) and the Diffusion-DPO baseline (personalized=False), plus an EmbeddingStore of the users."""
-    from test_train import make_embeddings, make_items
+    from ppd_engine.testing.tiny_training import make_embeddings, make_items
 
     from ppd_engine.config import load_config
     from ppd_engine.embed.store import EmbeddingStore

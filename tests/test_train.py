@@ -8,15 +8,7 @@ import tempfile
 import pytest
 import torch
 
-
-@pytest.fixture
-def one_thread():
-    # The CI machine has 2 shared cores; one intra-op thread per process avoids OpenMP oversubscription
-    # (a tiny UNet forward goes from seconds to ~0.1 s).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,65 +22,6 @@ def tiny_pipeline_dir(family: str) -> str:
     root = tempfile.mkdtemp(prefix="ppd-tiny-")
     atexit.register(shutil.rmtree, root, True)
     return make_tiny_pipeline(family, os.path.join(root, family))
-
-
-def make_items(model, n: int, seed: int = 0, users: int = 3) -> list[dict]:
-    """`n` random training items shaped like the cache dataset's for `model`."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.unet.config
-    size = cfg.sample_size
-    caps = [f"caption {i}" for i in range(3)]
-    enc = model.encode_text(caps)
-    items = []
-    for i in range(n):
-        it = {"latents_w": torch.randn(cfg.in_channels, size, size, generator=g),
-              "latents_l": torch.randn(cfg.in_channels, size, size, generator=g),
-              "text": enc.states[i % 3].clone(), "user_id": f"user{i % users}", "pair_id": f"p{i}"}
-        if enc.pooled is not None:
-            it["pooled"] = enc.pooled[i % 3].clone()
-            it["time_ids_w"] = torch.tensor([40.0, 32.0, 0.0, 4.0, 32.0, 32.0])
-            it["time_ids_l"] = torch.tensor([32.0, 48.0, 8.0, 0.0, 32.0, 32.0])
-        items.append(it)
-    return items
-
-
-def make_embeddings(users: int = 3, k: int = 3, t_in: int = 2, du: int = 24, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {f"user{j}": torch.randn(k, t_in, du, generator=g) for j in range(users)}
-
-
-class _HashText:
-    """encode_text stand-in: a fixed random (T, D) state per caption (hash-seeded), pooled for SDXL."""
-
-    def __init__(self, dim: int, pooled_dim: int | None, tokens: int = 7):
-        self.dim, self.pooled_dim, self.tokens = dim, pooled_dim, tokens
-
-    def __call__(self, captions):
-        from ppd_engine.models import TextConditioning
-
-        states, pooled = [], []
-        for c in captions:
-            g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(c)) + 7)
-            states.append(torch.randn(self.tokens, self.dim, generator=g))
-            if self.pooled_dim:
-                pooled.append(torch.randn(self.pooled_dim, generator=g))
-        return TextConditioning(torch.stack(states), torch.stack(pooled) if self.pooled_dim else None)
-
-
-def tiny_model(family: str = "sd15", seed: int = 0, **unet_overrides):
-    """A DiffusionModel around H3's tiny random UNet (no text encoder/VAE: the trainer needs neither),
-    built in milliseconds, identical in every process for the same seed."""
-    from diffusers import DDPMScheduler
-
-    from ppd_engine.models import DiffusionModel
-    from ppd_engine.testing.tiny_unets import tiny_unet
-
-    unet = tiny_unet(family, seed=seed, **unet_overrides)
-    cfg = unet.config
-    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim if family == "sdxl" else None
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return DiffusionModel(family=family, unet=unet.requires_grad_(False), noise_scheduler=sched,
-                          encode_text=_HashText(cfg.cross_attention_dim, pooled), resolution=cfg.sample_size * 8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,7 +40,7 @@ def _rows(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_few_steps_on_tiny_pipelines(family, tmp_path, one_thread):
+def test_few_steps_on_tiny_pipelines(family, tmp_path):
     """Real loader (save_pretrained -> load_diffusion_model), real text encoders, tiny UNets."""
     from ppd_engine.config import load_config
     from ppd_engine.models import load_diffusion_model
@@ -140,7 +73,7 @@ def test_few_steps_on_tiny_pipelines(family, tmp_path, one_thread):
         assert im.size == (2 * 34 + 2, 3 * 34 + 2)
 
 
-def test_step_shares_t_and_noise_and_applies_dropouts(monkeypatch, one_thread):
+def test_step_shares_t_and_noise_and_applies_dropouts(monkeypatch):
     """Inspect what the step feeds the paired forward: same t and noise for winner and loser, empty
     caption and zero user embedding exactly where the draws say."""
     import ppd_engine.paired as paired
@@ -211,7 +144,7 @@ class _PoisonFrom(list):
         return it
 
 
-def test_nan_step_is_skipped_without_touching_params_or_optimizer(tmp_path, one_thread):
+def test_nan_step_is_skipped_without_touching_params_or_optimizer(tmp_path):
     from safetensors.torch import load_file
 
     from ppd_engine.config import load_config
@@ -233,7 +166,7 @@ def test_nan_step_is_skipped_without_touching_params_or_optimizer(tmp_path, one_
         assert any(not torch.equal(s2[k], s3[k]) for k in s2), name   # the next good step trains again
 
 
-def test_too_many_bad_steps_stop_with_checkpoint(tmp_path, one_thread):
+def test_too_many_bad_steps_stop_with_checkpoint(tmp_path):
     from safetensors.torch import load_file
 
     from ppd_engine.config import load_config
@@ -261,7 +194,7 @@ def test_too_many_bad_steps_stop_with_checkpoint(tmp_path, one_thread):
 @pytest.mark.parametrize("extra", [["loss.name=kto"], ["loss.name=sft"], ["loss.name=robust"],
                                    ["loss.weighting=min_snr", "train.mixed_precision=bf16", "optim.name=adamw"],
                                    ["optim.name=adafactor", "train.paired_strategy=stacked"]])
-def test_loss_and_optimizer_variants_train(extra, tmp_path, one_thread):
+def test_loss_and_optimizer_variants_train(extra, tmp_path):
     from ppd_engine.config import load_config
     from ppd_engine.training import Trainer
 
@@ -273,7 +206,7 @@ def test_loss_and_optimizer_variants_train(extra, tmp_path, one_thread):
     assert all(p.dtype == torch.float32 for p in trainer.params)  # fp32 masters under bf16 autocast
 
 
-def test_non_personalized_baseline_uses_zero_user(tmp_path, one_thread):
+def test_non_personalized_baseline_uses_zero_user(tmp_path):
     from ppd_engine.config import load_config
     from ppd_engine.training import Trainer
 
@@ -286,7 +219,7 @@ def test_non_personalized_baseline_uses_zero_user(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_pickapic_world_end_to_end_through_the_cli(tmp_path, one_thread):
+def test_pickapic_world_end_to_end_through_the_cli(tmp_path):
     """Parquet fixture -> load_pairs -> few-shot split -> EmbeddingStore -> latent cache -> Trainer, via main()."""
     from ppd_engine.data.pickapic import load_pairs
     from ppd_engine.embed.store import EmbeddingStore
