@@ -36,7 +36,7 @@ test: install
 	$(PY) -m pytest
 
 ctest: install
-	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -G Ninja -DCMAKE_MAKE_PROGRAM=$(VENV)/bin/ninja
+	cmake -S . -B build-cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja
 	cmake --build build-cmake -j $(MAX_JOBS)
 	cd build-cmake && ctest --output-on-failure
 
