@@ -39,7 +39,8 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 class EngineStep:
     """The engine's step on a bare UNet: adapters, cached latents, micro_step_loss, AdamW8bit."""
 
-    def __init__(self, unet, strategy: str, attention: str, autocast_dtype, beta: float = 5000.0, lr: float = 1e-5):
+    def __init__(self, unet, strategy: str, attention: str, autocast_dtype, beta: float = 5000.0, lr: float = 1e-5,
+                 checkpointing: bool = False):
         import bitsandbytes as bnb
         from diffusers import DDPMScheduler
 
@@ -49,6 +50,8 @@ class EngineStep:
         self.handle = add_user_adapters(unet, user_dim=USER_DIM, num_tokens=NUM_TOKENS, attention=attention,
                                         dtype=torch.float32)
         unet.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
         family = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd15"
         self.model = DiffusionModel(family=family, unet=unet, noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
                                     encode_text=lambda captions: TextConditioning(None, None),
@@ -138,10 +141,15 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                     help="compute dtype (default: float32 on CPU, bfloat16 autocast on CUDA)")
     ap.add_argument("--runs", type=int, default=None, help="timed steps per provider (default 5 CPU, 20 CUDA)")
-    ap.add_argument("--variants", default="sequential:sdpa,stacked:sdpa,sequential:auto",
-                    help="engine variants as strategy:attention, comma separated")
+    ap.add_argument("--variants", default="sequential:sdpa,stacked:sdpa,sequential:auto,sequential:auto:ckpt",
+                    help="engine variants as strategy:attention[:ckpt] (ckpt = gradient checkpointing), "
+                         "comma separated")
     ap.add_argument("--no-vae", action="store_true", help="skip the VAE-every-step baseline")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU intra-op threads (default 1: on a shared 2-core machine two OpenMP threads "
+                         "stall whenever the other core is busy, which swamps the differences measured)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -162,8 +170,9 @@ def main(argv=None):
         batch = make_batch(arch, pairs, USER_DIM, device=device, with_pixels=not args.no_vae)
         shape = f"{arch} pairs={pairs} latents={tuple(batch.latents.shape[1:])}"
         providers = []
-        for strategy, attention in variants:
-            providers.append((f"ppd-{strategy}-{attention}", EngineStep(clone_unet(base), strategy, attention, autocast)))
+        for strategy, attention, *ckpt in variants:
+            name = f"ppd-{strategy}-{attention}" + ("-ckpt" if ckpt else "")
+            providers.append((name, EngineStep(clone_unet(base), strategy, attention, autocast, checkpointing=bool(ckpt))))
         providers.append(("stock-cached", StockPPD(clone_unet(base), USER_DIM, NUM_TOKENS, autocast_dtype=autocast)))
         if not args.no_vae:
             vae = build_vae(arch, device=device)
