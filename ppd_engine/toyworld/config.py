@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 def _default_seen() -> list[str]:
     return ["warm_bright", "cool_dark", "warm_dark", "cool_bright",
-            "vivid", "muted", "high_contrast", "bright_vivid"]
+            "vivid", "muted", "high_contrast", "flat", "bright_vivid", "dark_muted"]
 
 
 def _default_unseen() -> list[str]:

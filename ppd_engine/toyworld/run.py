@@ -74,11 +74,15 @@ def _save_store(path: Path, embeds: dict[str, torch.Tensor], meta: dict[str, dic
 
 
 def _sample_to(folder_of, model, prompts, embeds, seeds, tc, desc: str) -> None:
-    """Generate len(prompts) images and save image i to folder_of(i) / f"{index}.png"."""
+    """Generate len(prompts) images and save image i to folder_of(i) / f"{index}.png".
+
+    User guidance applies only where there is a user (embeds given): base has no user branch and
+    the DPO baseline's zero embedding is the user-agnostic branch itself."""
     from ppd_engine.sampling import generate
 
+    user_guidance = tc.user_guidance if embeds is not None and embeds.abs().sum() > 0 else 0.0
     images = generate(model, prompts, embeds, seeds, steps=tc.sample_steps, guidance=tc.guidance,
-                      user_guidance=tc.user_guidance, batch_size=tc.eval_batch, progress=True)
+                      user_guidance=user_guidance, batch_size=tc.eval_batch, progress=True)
     for i, img in enumerate(tqdm(images, desc=desc, leave=False)):
         folder, index = folder_of(i)
         save_png(img, folder / f"{index}.png")

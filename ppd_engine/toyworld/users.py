@@ -1,7 +1,10 @@
 """Toy users: each one is a weight vector over REWARDS, with Bradley-Terry preference labels.
 
-Pairs of users with opposite tastes (warm_bright / cool_dark, vivid / muted, warm_dark /
-cool_bright) make sure no single non-personalized model can please everyone. Contrast has a
+Every default seen user has its opposite among the seen users (warm_bright / cool_dark,
+warm_dark / cool_bright, vivid / muted, high_contrast / flat, bright_vivid / dark_muted), so no
+single non-personalized model can please everyone and the population as a whole has no net taste:
+with a lopsided population (net +4 on contrast) the adapters learned a shared push along it that
+swamped every user whose taste opposes it. Contrast has a
 smaller spread than the other rewards across the scene distribution (std ~0.06 vs ~0.2), so its
 weights are larger to give it a comparable say.
 """
@@ -37,6 +40,8 @@ _ALL = [
     User("muted", {"saturation": -1.0, "contrast": -2.0}, "greyish, flat"),
     User("high_contrast", {"contrast": 4.0}, "strong light/dark contrast"),
     User("bright_vivid", {"brightness": 1.0, "saturation": 1.0}, "bright and saturated"),
+    User("flat", {"contrast": -4.0}, "weak light/dark contrast"),
+    User("dark_muted", {"darkness": 1.0, "saturation": -1.0}, "dark and greyish"),
     # Meant as unseen users: their tastes mix axes the seen users cover, in new combinations.
     User("sunset", {"warmth": 1.0, "saturation": 1.0}, "warm and saturated"),
     User("night", {"darkness": 1.0, "contrast": 3.0}, "dark with contrast"),
