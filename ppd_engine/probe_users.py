@@ -12,14 +12,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
+
+from ppd_engine.files import write_json_atomic
 
 TOPK = (1, 4, 16)
 
@@ -173,12 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = probe(store.as_mapping(), args.layers, cfg, progress=not args.quiet)
     result["store"] = args.store
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, result)
     print(format_result(result))
     return result
 

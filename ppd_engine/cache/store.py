@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ppd_engine.files import write_json_atomic
+
 INDEX = "index.json"
 FORMAT = 1
 FLIP = "#flip"
@@ -44,15 +46,7 @@ class CacheMismatchError(RuntimeError):
 
 
 def _atomic_json(path: str, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, obj, indent=1, sort_keys=True)
 
 
 def write_shard(path: str, tensors: dict[str, torch.Tensor], fp: str) -> None:

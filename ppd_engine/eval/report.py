@@ -7,13 +7,12 @@ same-seed pair).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from itertools import combinations
-from pathlib import Path
 from typing import Mapping, Sequence
+
+from ppd_engine.files import write_json_atomic, write_text_atomic
 
 Scores = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
 
@@ -116,27 +115,14 @@ def markdown_report(summary: Mapping, checkpoints: Sequence[str], judge: Mapping
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: str | os.PathLike, data: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_json(path: str | os.PathLike, obj) -> None:
     """Atomic JSON write (temp file in the same folder, then rename); NaN is written as null."""
-    _atomic_write(path, json.dumps(_nan_to_none(obj), indent=2, sort_keys=False) + "\n")
+    write_json_atomic(path, _nan_to_none(obj), indent=2)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomic text write."""
-    _atomic_write(path, text)
+    write_text_atomic(path, text)
 
 
 def _nan_to_none(obj):

@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import random
-import tempfile
+
+from ppd_engine.files import write_json_atomic
 
 from .backends import ENV_API_KEY, ENV_BASE_URL
 
@@ -162,12 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if hasattr(backend, "stats"):
         result["http"] = dict(backend.stats)
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, result)
     print(summary(result))
     return result
 

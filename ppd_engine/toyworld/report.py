@@ -11,7 +11,6 @@ Spearman's rho between lambda and A's mean reward over the lambda grid.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ppd_engine.files import write_json_atomic
 from ppd_engine.toyworld.rewards import weighted_reward
 
 MODELS = ("base", "dpo", "ppd")
@@ -157,10 +157,7 @@ def compute_report(run_dir: str | os.PathLike, users: dict[str, dict], interpola
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=2)
 
 
 def format_table(report: dict) -> str:

@@ -24,6 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ppd_engine.files import write_json_atomic
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -116,11 +118,7 @@ def temp_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def read_json(path: str | os.PathLike) -> dict:
