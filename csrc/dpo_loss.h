@@ -61,6 +61,27 @@ inline Dims check_dpo(const at::Tensor& model_pred, const at::Tensor& ref_pred, 
   return dims;
 }
 
+// The arguments of dpo_loss_backward besides model_pred/target; returns the pair layout.
+inline Dims check_dpo_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_inside,
+                               const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,
+                               const at::Tensor& model_pred, const at::Tensor& target) {
+  const Dims dims = check_pair(model_pred, target, "dpo_loss_backward", "model_pred");
+  TORCH_CHECK(dims.n % 2 == 0, "dpo_loss_backward: the first dim must be 2B, got shape ", model_pred.sizes());
+  const int64_t pairs = dims.n / 2;
+  TORCH_CHECK(grad_loss.numel() == 1, "dpo_loss_backward: grad_loss must be a scalar, got shape ", grad_loss.sizes());
+  TORCH_CHECK(inside.dim() == 1 && inside.size(0) == pairs, "dpo_loss_backward: inside must have shape (", pairs,
+              ",), got ", inside.sizes());
+  if (grad_inside.has_value()) {
+    TORCH_CHECK(grad_inside->dim() == 1 && grad_inside->size(0) == pairs,
+                "dpo_loss_backward: grad_inside must have shape (", pairs, ",), got ", grad_inside->sizes());
+  }
+  if (grad_model_mse.has_value()) {
+    TORCH_CHECK(grad_model_mse->dim() == 1 && grad_model_mse->size(0) == dims.n,
+                "dpo_loss_backward: grad_model_mse must have shape (", dims.n, ",), got ", grad_model_mse->sizes());
+  }
+  return dims;
+}
+
 C10_HOST_DEVICE inline bool is_finite(double x) {
 #ifdef __CUDA_ARCH__
   return ::isfinite(x);

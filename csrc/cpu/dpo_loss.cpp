@@ -249,20 +249,8 @@ at::Tensor dpo_loss_backward_cpu(const at::Tensor& grad_loss, const std::optiona
                                  const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,
                                  const std::optional<at::Tensor>& weight, const at::Tensor& model_pred,
                                  const at::Tensor& target, double beta) {
-  const Dims dims = check_pair(model_pred, target, "dpo_loss_backward", "model_pred");
-  TORCH_CHECK(dims.n % 2 == 0, "dpo_loss_backward: the first dim must be 2B, got shape ", model_pred.sizes());
+  const Dims dims = check_dpo_backward(grad_loss, grad_inside, grad_model_mse, inside, model_pred, target);
   const int64_t num_pairs = dims.n / 2;
-  TORCH_CHECK(grad_loss.numel() == 1, "dpo_loss_backward: grad_loss must be a scalar, got shape ", grad_loss.sizes());
-  TORCH_CHECK(inside.dim() == 1 && inside.size(0) == num_pairs, "dpo_loss_backward: inside must have shape (",
-              num_pairs, ",), got ", inside.sizes());
-  if (grad_inside.has_value()) {
-    TORCH_CHECK(grad_inside->dim() == 1 && grad_inside->size(0) == num_pairs,
-                "dpo_loss_backward: grad_inside must have shape (", num_pairs, ",), got ", grad_inside->sizes());
-  }
-  if (grad_model_mse.has_value()) {
-    TORCH_CHECK(grad_model_mse->dim() == 1 && grad_model_mse->size(0) == dims.n,
-                "dpo_loss_backward: grad_model_mse must have shape (", dims.n, ",), got ", grad_model_mse->sizes());
-  }
   const double gl = grad_loss.to(at::kDouble).item<double>();
   const at::Tensor ins = inside.to(at::kDouble).contiguous();
   const at::Tensor gi = grad_inside.has_value() ? grad_inside->to(at::kDouble).contiguous() : at::Tensor();

@@ -327,20 +327,8 @@ at::Tensor dpo_loss_backward_cuda(const at::Tensor& grad_loss, const std::option
                                   const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& model_pred,
                                   const at::Tensor& target, double beta) {
-  const Dims dims = check_pair(model_pred, target, "dpo_loss_backward", "model_pred");
-  TORCH_CHECK(dims.n % 2 == 0, "dpo_loss_backward: the first dim must be 2B, got shape ", model_pred.sizes());
+  const Dims dims = check_dpo_backward(grad_loss, grad_inside, grad_model_mse, inside, model_pred, target);
   const int64_t pairs = dims.n / 2;
-  TORCH_CHECK(grad_loss.numel() == 1, "dpo_loss_backward: grad_loss must be a scalar, got shape ", grad_loss.sizes());
-  TORCH_CHECK(inside.dim() == 1 && inside.size(0) == pairs, "dpo_loss_backward: inside must have shape (", pairs,
-              ",), got ", inside.sizes());
-  if (grad_inside.has_value()) {
-    TORCH_CHECK(grad_inside->dim() == 1 && grad_inside->size(0) == pairs,
-                "dpo_loss_backward: grad_inside must have shape (", pairs, ",), got ", grad_inside->sizes());
-  }
-  if (grad_model_mse.has_value()) {
-    TORCH_CHECK(grad_model_mse->dim() == 1 && grad_model_mse->size(0) == dims.n,
-                "dpo_loss_backward: grad_model_mse must have shape (", dims.n, ",), got ", grad_model_mse->sizes());
-  }
   for (const at::Tensor* x : {&grad_loss, &inside}) {
     TORCH_CHECK(x->device() == model_pred.device(), "dpo_loss_backward: all tensors must be on ", model_pred.device(),
                 ", got one on ", x->device());
