@@ -91,8 +91,8 @@ def build_vae(arch: str, dtype=torch.float32, device="cpu", seed: int = 0) -> Au
 class PairBatch:
     """B preference pairs; rows [0, B) of every (2B, ...) tensor are winners, [B, 2B) losers."""
 
-    latents: torch.Tensor  # (2B, 4, h, w) cached latents, or None when pixels are given
-    pixels: torch.Tensor | None  # (2B, 3, 8h, 8w) in [-1, 1] for the VAE-every-step baseline
+    latents: torch.Tensor  # (2B, 4, h, w) cached latents
+    pixels: torch.Tensor | None  # (2B, 3, 8h, 8w) in [-1, 1], encoded by the VAE-every-step baseline
     text: torch.Tensor  # (2B, 77, D)
     user: torch.Tensor  # (2B, T_in, Du)
     pooled: torch.Tensor | None = None  # (2B, 1280) SDXL

@@ -165,7 +165,6 @@ def main(argv=None):
     print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s ({dtype_name}); arch {arch}")
     base = build_unet(arch, device=device)
     rows = []
-    notes = []
     for pairs in pair_sizes:
         batch = make_batch(arch, pairs, USER_DIM, device=device, with_pixels=not args.no_vae)
         shape = f"{arch} pairs={pairs} latents={tuple(batch.latents.shape[1:])}"
@@ -189,8 +188,6 @@ def main(argv=None):
             rows.append(row("train_step", name, shape, dtype_name, device, t, **extra))
             print(f"  {shape:40s} {name:28s} {t.median_ms:9.2f} ms  {extra['pairs_per_s']:8.2f} pairs/s  "
                   f"peak {t.peak_mem_mb:8.1f} MB  {extra.get('phases_ms', '')}", flush=True)
-            del prov
-        notes.append(shape)
 
     path = write_rows(rows, f"train_step_{device.type}_{arch}.jsonl")
     print()
