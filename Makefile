@@ -16,7 +16,7 @@ STAMP := $(VENV)/.ppd-installed
 # Install torch first, then the package (with its compiled extension) against that torch.
 $(STAMP): pyproject.toml setup.py $(CSRC)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=69" wheel
+	$(PY) -m pip install -q --upgrade pip "setuptools>=69" wheel "ninja>=1.11" "pybind11>=2.12"
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	PPD_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	$(MAKE) build

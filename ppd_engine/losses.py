@@ -23,6 +23,7 @@ Add a variant with `register_loss`:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -230,3 +231,65 @@ def _kto(model_mse, ref_mse, inside, beta, weight, labels: Tensor | None = None,
     z = lab * beta * (g - kl)
     lam = torch.where(lab > 0, torch.full_like(lab, lambda_d), torch.full_like(lab, lambda_u))
     return lam * (1 - torch.sigmoid(z)), z
+
+
+# ---- options a loss declares (read from its signature) -------------------------------------------
+
+_FIXED = ("model_mse", "ref_mse", "inside", "beta", "weight")
+_INPUTS = {"labels"}  # supplied by the training step, not by the user
+
+
+def loss_options(name: str) -> dict[str, inspect.Parameter]:
+    """The user options of loss `name`: its keyword parameters after the fixed five."""
+    sig = inspect.signature(LOSSES[name].fn)
+    return {n: p for n, p in sig.parameters.items() if n not in _FIXED and n not in _INPUTS
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _option_type(p: inspect.Parameter):
+    ann = p.annotation
+    if isinstance(ann, str):
+        ann = {"float": float, "int": int, "bool": bool, "str": str}.get(ann, None)
+    if ann in (float, int, bool, str):
+        return ann
+    return type(p.default) if p.default is not inspect.Parameter.empty and p.default is not None else None
+
+
+def validate_loss_options(name, options) -> dict:
+    """Check `options` against what the loss(es) declare; returns them converted, or raises
+    ValueError naming the option and the allowed ones."""
+    import math
+
+    names = [name] if isinstance(name, str) else list(name)
+    declared: dict[str, inspect.Parameter] = {}
+    for n in names:
+        if n not in LOSSES:
+            raise ValueError(f"loss.name: {n!r} is not registered; registered: {', '.join(sorted(LOSSES))}")
+        declared.update(loss_options(n))
+    out = {}
+    for key, value in dict(options).items():
+        if key not in declared:
+            raise ValueError(f"loss.options.{key}: not an option of {'/'.join(names)}; allowed: "
+                             f"{', '.join(sorted(declared)) or 'none'}")
+        tp = _option_type(declared[key])
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"loss.options.{key}: {value!r} is not a finite number")
+            value = float(value)
+        elif tp is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                raise ValueError(f"loss.options.{key}: {value!r} is not an integer")
+            value = int(value)
+        elif tp is bool and not isinstance(value, bool):
+            raise ValueError(f"loss.options.{key}: {value!r} is not true/false")
+        out[key] = value
+    return out
+
+
+def describe_losses() -> str:
+    """One line per registered loss with its options and defaults (for --help)."""
+    lines = []
+    for n in sorted(LOSSES):
+        opts = ", ".join(f"{k}={p.default!r}" for k, p in loss_options(n).items())
+        lines.append(f"  {n:<10} {opts}")
+    return "\n".join(lines)

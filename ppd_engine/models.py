@@ -3,7 +3,8 @@
 "sd15": StableDiffusionPipeline parts (one CLIP text encoder, last hidden states).
 "sdxl": StableDiffusionXLPipeline parts (both CLIP text encoders: penultimate hidden states
         concatenated; pooled embedding from text_encoder_2; 6 micro-conditioning time ids).
-"toy":  pixel-space world built directly with the dataclass by `ppd_engine.toyworld`.
+Other families are registered by the worlds that bring them (`register_family`): the toy world's
+pixel-space "toy", for instance. `build_model(cfg, device)` picks the loader of cfg.model.family.
 
 Everything is frozen (requires_grad False, eval mode): the trainer adds and trains adapters only.
 """
@@ -16,7 +17,7 @@ from typing import Callable
 
 import torch
 
-FAMILIES = ("sd15", "sdxl")
+_BUILTIN = ("sd15", "sdxl")
 
 
 @dataclass
@@ -127,9 +128,9 @@ def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torc
     stays in float32 when `dtype` is float16 and its config asks to upcast (SDXL's VAE overflows in
     fp16). `resolution` = unet.config.sample_size * VAE downscale factor (512 for SD1.5, 1024 for SDXL).
     """
-    if family not in FAMILIES:
-        raise ValueError(f"model family must be one of {', '.join(map(repr, FAMILIES))} "
-                         f"(the 'toy' family is built by ppd_engine.toyworld); got {family!r}")
+    if family not in _BUILTIN:
+        raise ValueError(f"load_diffusion_model loads the diffusers families {', '.join(map(repr, _BUILTIN))}; "
+                         f"got {family!r} (other families load through build_model and their registered loader)")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -171,3 +172,37 @@ def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torc
         source=pretrained,
         latent_shift=float(shift) if shift is not None else 0.0,
     )
+
+
+# ---- the family registry --------------------------------------------------------------------------
+
+FamilyLoader = Callable[["object", torch.dtype, "str | torch.device"], DiffusionModel]
+FAMILIES: dict[str, FamilyLoader] = {}
+
+
+def register_family(name: str, loader: FamilyLoader) -> None:
+    """Make `model.family=<name>` buildable: `loader(cfg, dtype, device)` returns a frozen DiffusionModel."""
+    FAMILIES[name] = loader
+
+
+def _diffusers_loader(family: str) -> FamilyLoader:
+    def load(cfg, dtype, device):
+        return load_diffusion_model(family, cfg.model.pretrained, dtype=dtype, device=device)
+
+    return load
+
+
+for _name in _BUILTIN:
+    register_family(_name, _diffusers_loader(_name))
+
+
+def build_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
+    """The frozen base DiffusionModel that `cfg` trains (model.family / model.dtype / model.resolution)."""
+    from ppd_engine.dtypes import torch_dtype
+
+    if cfg.model.family not in FAMILIES:
+        raise ValueError(f"model.family={cfg.model.family!r} is not registered; have {', '.join(sorted(FAMILIES))}")
+    model = FAMILIES[cfg.model.family](cfg, torch_dtype(cfg.model.dtype), device)
+    if cfg.model.resolution:
+        model.resolution = cfg.model.resolution
+    return model

@@ -12,12 +12,14 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from ppd_engine.cli.common import DefaultsFormatter, add_debug, add_progress, cli_errors
 from ppd_engine.files import write_json_atomic
 
 TOPK = (1, 4, 16)
@@ -145,7 +147,7 @@ def format_result(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ppd_engine.probe_users", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--store", required=True, help="user-embedding store (.safetensors from python -m ppd_engine.embed)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices of a layers=all store "
                                                    "(0 = embedding output, -1 = last layer)")
@@ -156,20 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     p.add_argument("--out", default=None, help="write the results JSON here (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress(p)
+    add_debug(p)
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> dict:
     from ppd_engine.embed.store import EmbeddingStore
 
     args = build_parser().parse_args(argv)
     store = EmbeddingStore(args.store)
     if not len(store):
-        raise SystemExit(f"{args.store} does not exist or holds no users")
+        raise FileNotFoundError(f"{args.store} does not exist or holds no users")
     cfg = ProbeConfig(hidden=args.hidden, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                       test_per_user=args.test_per_user, seed=args.seed)
-    result = probe(store.as_mapping(), args.layers, cfg, progress=not args.quiet)
+    result = probe(store.as_mapping(), args.layers, cfg, progress=args.progress)
     result["store"] = args.store
     if args.out:
         write_json_atomic(args.out, result)
@@ -178,4 +182,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)

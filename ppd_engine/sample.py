@@ -11,13 +11,16 @@ OUT/<i>.png, OUT/contact_sheet.png and OUT/sample.json (the settings, for reprod
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from ppd_engine.cli.common import (
+    DefaultsFormatter, UsageError, add_checkpoint, add_debug, add_device, add_progress, cli_errors, resolve_device)
+from ppd_engine.files import save_image_atomic, write_json_atomic
 
 
 def _store_path(run: Path, cfg) -> Path:
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ppd_engine.sample",
                                 description="Sample images from a trained PPD run for a user, an embedding file or a "
                                             "mix of users (classifier-free guidance over the text, optionally over "
-                                            "the user).")
+                                            "the user).", formatter_class=DefaultsFormatter)
     p.add_argument("--run", required=True, metavar="RUN", help="run folder (RUN/config.yaml, RUN/checkpoints/)")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", metavar="NAME", help="a user of the run's embedding store (toy: its 4-shot embedding)")
@@ -119,66 +122,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler steps (default: toy.sample_steps for toy runs, else log.sample_steps)")
     p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim", help="ddim (eta 0) or dpm (DPM-Solver++ 2M)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
-    p.add_argument("--checkpoint", default="latest", help="'latest' or a RUN/checkpoints/step-N folder")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    add_checkpoint(p)
+    add_device(p, "where to sample")
     p.add_argument("--batch-size", type=int, default=0, help="images per UNet call (0 = all at once)")
+    add_progress(p)
+    add_debug(p)
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.n < 1:
-        parser.error("--n must be >= 1")
+        raise UsageError("--n must be >= 1")
+    import ppd_engine.worlds  # noqa: F401  (a run of any registered world can be sampled)
     from ppd_engine.embed.store import EmbeddingStore
     from ppd_engine.sampling import generate
-    from ppd_engine.toyworld.report import save_png
     from ppd_engine.training import load_run
 
     run = Path(args.run)
-    try:
-        cfg, model = load_run(run, checkpoint=args.checkpoint, device=args.device)
-        if args.base:
-            embed, source = None, "base"
-        elif args.embedding:
-            embed, source = load_embedding_file(args.embedding), f"file {args.embedding}"
+    cfg, model = load_run(run, checkpoint=args.checkpoint, device=resolve_device(args.device))
+    if args.base:
+        embed, source = None, "base"
+    elif args.embedding:
+        embed, source = load_embedding_file(args.embedding), f"file {args.embedding}"
+    else:
+        store = EmbeddingStore(str(_store_path(run, cfg)))
+        if args.user:
+            embed, source = _user_embedding(store, args.user), f"user {args.user}"
         else:
-            store = EmbeddingStore(str(_store_path(run, cfg)))
-            if args.user:
-                embed, source = _user_embedding(store, args.user), f"user {args.user}"
-            else:
-                mix = parse_mix(args.mix)
-                embed = sum(w * _user_embedding(store, name) for name, w in mix)
-                source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    toy = cfg.world == "toy"
-    guidance = args.guidance if args.guidance is not None else (cfg.toy.guidance if toy else cfg.log.sample_guidance)
-    steps = args.steps if args.steps is not None else (cfg.toy.sample_steps if toy else cfg.log.sample_steps)
+            mix = parse_mix(args.mix)
+            embed = sum(w * _user_embedding(store, name) for name, w in mix)
+            source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
+    # A world's own sampling settings (e.g. the toy section's guidance) apply when it records them.
+    section = getattr(cfg, cfg.world, None) if cfg.world else None
+    guidance = args.guidance if args.guidance is not None else getattr(section, "guidance", cfg.log.sample_guidance)
+    steps = args.steps if args.steps is not None else getattr(section, "sample_steps", cfg.log.sample_steps)
     seeds = [args.seed + i for i in range(args.n)]
     embeds = None if embed is None else embed[None].expand(args.n, -1, -1).contiguous()
-    try:
-        images = generate(model, [args.prompt] * args.n, embeds, seeds, steps=steps, guidance=guidance,
-                          user_guidance=args.user_guidance, user_scale=args.user_scale, sampler=args.sampler,
-                          batch_size=args.batch_size, progress=True)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    images = generate(model, [args.prompt] * args.n, embeds, seeds, steps=steps, guidance=guidance,
+                      user_guidance=args.user_guidance, user_scale=args.user_scale, sampler=args.sampler,
+                      batch_size=args.batch_size, progress=args.progress)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        save_png(img, out / f"{i}.png")
+        save_image_atomic(img, out / f"{i}.png")
     sheet = out / "contact_sheet.png"
-    tmp = sheet.with_name(".contact_sheet.png.tmp")
-    contact_sheet(images).save(tmp, format="PNG")
-    os.replace(tmp, sheet)
+    save_image_atomic(contact_sheet(images), sheet)
     record = {"run": str(run), "checkpoint": args.checkpoint, "who": source, "prompt": args.prompt, "n": args.n,
               "seeds": seeds, "steps": steps, "guidance": guidance, "user_guidance": args.user_guidance,
               "user_scale": args.user_scale, "sampler": args.sampler}
-    tmp = out / ".sample.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "sample.json")
+    write_json_atomic(out / "sample.json", record, indent=2)
     print(f"{args.n} images for {source} ({args.prompt!r}) -> {out}  (contact sheet: {sheet})")
     return 0
 

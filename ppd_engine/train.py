@@ -1,9 +1,11 @@
-"""`python -m ppd_engine.train [--config X.yaml] [key.sub=value ...] [--resume RUN]`
+"""`python -m ppd_engine.train` / `ppd train`: [--config PRESET|X.yaml] [--import MODULE] [key.sub=value ...]
 
-world=toy       the embedded toy world end to end (`ppd_engine.toyworld.run.run_toy`)
+The chosen world (`world=`, default toy) builds the model, data and embeddings and runs:
+
+world=toy       the embedded toy world end to end (ppd_engine/worlds/toy)
 world=pickapic  Pick-a-Pic pairs -> few-shot split -> user embeddings -> latent cache -> Trainer.fit
 
-Multi-GPU: `torchrun --nproc_per_node=N -m ppd_engine.train --config configs/sd15_pickapic.yaml ...`
+Multi-GPU: `torchrun --nproc_per_node=N -m ppd_engine.train --config sd15_pickapic ...`
 (see docs/DISTRIBUTED.md). Every config key is listed by `--help`.
 """
 
@@ -15,93 +17,88 @@ import sys
 import time
 from pathlib import Path
 
-from ppd_engine.config import Config, ConfigError, config_help, load_config, save_config
+from ppd_engine.cli.common import UsageError, add_debug, cli_errors
+from ppd_engine.config import ConfigError, config_help, config_to_yaml, flag_hint, load_config, presets, save_config
+from ppd_engine.config.loader import import_modules
 
 log = logging.getLogger("ppd_engine.train")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "toy.yaml"
+DEFAULT_WORLD = "toy"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import ppd_engine.worlds  # noqa: F401  (registers the built-in worlds, their sections and families)
+    from ppd_engine.losses import describe_losses
+    from ppd_engine.world import WORLDS
+
+    worlds = "\n".join(f"  {name:<10} {w.description}" + (f" (defaults: preset {w.preset})" if w.preset else
+                                                            " (defaults: the schema's, below)")
+                       for name, w in sorted(WORLDS.items()))
     parser = argparse.ArgumentParser(
         prog="python -m ppd_engine.train",
         description="Personalized preference fine-tuning (PPD) of a diffusion model: Diffusion-DPO on "
-                    "user-conditioned adapters. With no arguments, runs the embedded toy world "
-                    f"({DEFAULT_CONFIG.name}) on the CPU.",
-        epilog="Overrides are key.sub=value (e.g. train.max_steps=100 optim.name=adamw loss.beta=2500);\n"
-               "values are converted by the key's type; lists and mappings use YAML ([a, b], {k: v}).\n\n"
-               "CONFIG KEYS\n" + config_help(),
+                    f"user-conditioned adapters. With no arguments, runs the {DEFAULT_WORLD} world on the CPU.",
+        epilog="WORLDS (world=NAME; each layers its own defaults under --config and the overrides)\n" + worlds +
+               f"\n\nPRESETS (--config NAME): {', '.join(presets())}\n\n"
+               "Overrides are key.sub=value (e.g. train.max_steps=100 optim.name=adamw loss.beta=2500);\n"
+               "values are converted by the key's type; lists and mappings use YAML ([a, b], {k: v});\n"
+               "one entry of a mapping: loss.options.NAME=value.\n\n"
+               "LOSSES (loss.name, with their loss.options)\n" + describe_losses() +
+               "\n\nCONFIG KEYS (default = the schema's; 'toy: X' = the toy world's value where it differs)\n"
+               + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="X.yaml", default=None,
-                        help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parent.parent)})")
+    parser.add_argument("--config", metavar="PRESET|X.yaml", default=None,
+                        help=f"a preset name ({', '.join(presets())}) or a YAML file; default: none (the "
+                             f"world's defaults, world={DEFAULT_WORLD} unless given)")
+    parser.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                        help="import MODULE before the config is validated, e.g. one that registers a loss "
+                             "with @register_loss (repeatable; recorded as the config key `imports`)")
     parser.add_argument("--resume", metavar="RUN", default=None,
                         help="continue the run in folder RUN from its newest checkpoint, with its saved "
                              "config (plus any overrides, e.g. a larger train.max_steps)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML and exit without running")
+    add_debug(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """The run's config from --config / --resume and the overrides (ConfigError on bad input)."""
+def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """argparse, with a hint for flag-style config keys (`--max_steps 10` -> `train.max_steps=10`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = unknown[0]
+        # argparse may have taken the flag's value as an override: read it back from argv.
+        at = argv.index(flag) if flag in argv else -1
+        nxt = argv[at + 1] if 0 <= at < len(argv) - 1 else None
+        value = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt and "=" not in flag else None
+        hint = flag_hint(flag, value) if flag.startswith("-") else None
+        if hint:
+            raise UsageError(f"{flag} is not an option; config keys are set as key=value: use {hint}")
+        raise UsageError(f"unrecognized argument {flag!r} (see --help)")
+    return args
+
+
+def resolve_config(args: argparse.Namespace, runnable: bool = True):
+    """The run's config from --config / --resume / --import and the overrides (ConfigError on bad input)."""
+    overrides = list(args.overrides)
+    if args.imports:
+        import_modules(args.imports)
+        overrides = [f"imports=[{', '.join(args.imports)}]", *overrides]
     if args.resume:
         if args.config:
             raise ConfigError("--resume uses the run's saved config.yaml; give overrides instead of --config")
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise ConfigError(f"--resume {run}: not a run folder (no config.yaml)")
-        return load_config(run / "config.yaml",
-                           [*args.overrides, f"log.run_dir={run}", "checkpoint.resume=latest"])
-    path = args.config
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
+        return load_config(run / "config.yaml", [*overrides, f"log.run_dir={run}", "checkpoint.resume=latest"],
+                           runnable=runnable)
+    return load_config(args.config, overrides, default_world=DEFAULT_WORLD, runnable=runnable)
 
 
-def default_run_dir(cfg: Config) -> str:
+def default_run_dir(cfg) -> str:
     return str(Path("runs") / f"{cfg.world}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-
-
-def run_pickapic(cfg: Config):
-    """Pick-a-Pic pairs -> few-shot split (shots build embeddings; held out of training) -> seen users'
-    training pairs -> latent cache (rank 0 builds, the others wait) -> Trainer.fit."""
-    from ppd_engine.cache import PairCacheDataset, build_cache
-    from ppd_engine.data.pickapic import load_pairs
-    from ppd_engine.embed.store import EmbeddingStore
-    from ppd_engine.training import Trainer, build_model
-    from ppd_engine.training.distributed import barrier, init_distributed
-
-    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
-    d = cfg.data
-    pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
-                       decode_images=False, progress=env.is_main)
-    _, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
-    seen, unseen = pairs.user_split(unseen_fraction=d.unseen_fraction, seed=d.split_seed)
-    seen_set = set(seen)
-    store = EmbeddingStore(d.embeddings)
-    if len(store) == 0:
-        raise ValueError(f"data.embeddings={d.embeddings!r} holds no user embeddings; build them first "
-                         "(python -m ppd_engine.embed)")
-    embeddings = store.as_mapping()
-    missing = sorted({r.user_id for r in train_records if r.user_id in seen_set} - set(embeddings))
-    if missing:
-        log.warning("%d seen user(s) have no embedding in %s and are not trained on (e.g. %s)",
-                    len(missing), d.embeddings, missing[:5])
-    records = [r for r in train_records if r.user_id in seen_set and r.user_id in embeddings]
-    if not records:
-        raise ValueError("no training pairs left after the few-shot/seen-user split and the embedding store")
-    log.info("training pairs: %d from %d seen users (%d unseen users held out)", len(records),
-             len({r.user_id for r in records}), len(unseen))
-
-    model = build_model(cfg, env.device)
-    cache_dir = cfg.cache.dir
-    if env.is_main:
-        build_cache(model, records, cache_dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
-                    dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=True)
-    barrier(env)
-    dataset = PairCacheDataset(cache_dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
-    # The cache holds everything the step needs: free the VAE (text encoders stay for the empty caption).
-    model.vae = None
-    return Trainer(cfg, model, dataset, embeddings, cfg.log.run_dir).fit()
 
 
 def _summary(result, seconds: float) -> str:
@@ -118,18 +115,29 @@ def _summary(result, seconds: float) -> str:
             f"  metrics:    {Path(result.run_dir) / 'metrics.jsonl'}")
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as exc:
-        parser.exit(2, f"config error: {exc}\n")
+    if args.print_config:
+        cfg = resolve_config(args, runnable=False)
+        text = config_to_yaml(cfg)
+        try:
+            from ppd_engine.config import validate
+
+            validate(cfg)
+        except ConfigError as exc:
+            text += f"# not runnable as it stands: {exc}\n"
+        sys.stdout.write(text)
+        return 0
+    cfg = resolve_config(args)
 
     from ppd_engine.training import BadStepsError
     from ppd_engine.training.distributed import broadcast_str, init_distributed
+    from ppd_engine.world import get_world
 
+    world = get_world(cfg.world)
     env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
     if not cfg.log.run_dir:
         # One name for every rank (their clocks may straddle a second).
@@ -139,12 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run folder: %s", cfg.log.run_dir)
     start = time.perf_counter()
     try:
-        if cfg.world == "toy":
-            from ppd_engine.toyworld.run import run_toy
-
-            result = run_toy(cfg)
-        else:
-            result = run_pickapic(cfg)
+        outcome = world.run(cfg, env)
     except BadStepsError as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 3
@@ -153,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if env.is_main and result is not None and hasattr(result, "final_metrics"):
-        print(_summary(result, time.perf_counter() - start))
+    if env.is_main:
+        for line in outcome.lines:
+            print(line)
+        if outcome.train is not None and not outcome.lines:
+            print(_summary(outcome.train, time.perf_counter() - start))
     return 0
 
 

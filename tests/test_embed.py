@@ -175,7 +175,7 @@ def test_cli_end_to_end_and_resume(tiny, tmp_path):
     write_pickapic_fixture(str(data), extra_users=1, pairs_per_extra_user=8)
     out = str(tmp_path / "users.safetensors")
     args = ["--data", str(data), "--model", folder, "--out", out, "--max-new-tokens", "3", "--greedy",
-            "--layers", "all", "--chunks", "2", "--batch-users", "3", "--save-every", "1", "--device", "cpu", "--quiet"]
+            "--layers", "all", "--chunks", "2", "--batch-users", "3", "--save-every", "1", "--device", "cpu", "--no-progress"]
     stats = main(args)
     store = EmbeddingStore(out)
     users = store.users()

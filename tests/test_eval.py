@@ -293,10 +293,10 @@ def test_cli_help_documents_every_option(capsys):
         parser.parse_args(["run", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "--checkpoint" in out and "--aesthetic-weights" in out and "--judge" in out
+    assert "--run" in out and "--checkpoint" in out and "--aesthetic-weights" in out and "--judge-model" in out
 
 
-def test_pipeline_generate_then_cli_score(tmp_path):
+def test_pipeline_generate_then_cli_score(tmp_path, capsys):
     """run_generation (fake sampler/loader) -> manifest -> `python -m ppd_engine.eval score` with three
     tiny reward models -> results.json numbers equal direct scoring of the saved PNGs."""
     from test_rewards import _aesthetic_weights, make_tiny_clip
@@ -320,7 +320,7 @@ def test_pipeline_generate_then_cli_score(tmp_path):
     unet = tiny_unet("sd15")
     add_user_adapters(unet, user_dim=4, num_tokens=2)
 
-    def fake_load_run(run_dir, device="cpu"):
+    def fake_load_run(run_dir, checkpoint="latest", device="cpu"):
         loaded.append((run_dir, device))
         return None, SimpleNamespace(unet=unet)
 
@@ -369,8 +369,8 @@ def test_pipeline_generate_then_cli_score(tmp_path):
     assert ps["per_category"]["ppd"]["Abstract"] == pytest.approx(ps["mean"]["ppd"])
     md = (out / "report.md").read_text()
     assert "## Mean reward per checkpoint" in md and "## aesthetic per category" in md
-    with pytest.raises(SystemExit, match="unknown"):
-        main(["score", "--out", str(out), "--rewards", "pickscore,bogus"])
+    assert main(["score", "--out", str(out), "--rewards", "pickscore,bogus"]) == 2
+    assert "--rewards: unknown ['bogus']" in capsys.readouterr().err
 
 
 def test_select_users():
@@ -411,7 +411,7 @@ class _BrightnessBackend:
 
 
 def _write_constant_images(out, ckpt, user, values):
-    from ppd_engine.eval.generate import save_png
+    from ppd_engine.files import save_image_atomic as save_png
 
     for i, v in enumerate(values):
         save_png(Image.new("RGB", (6, 5), (v, v, v)), image_path(out, ckpt, user, i))
@@ -529,8 +529,8 @@ def test_eval_end_to_end_on_tiny_checkpoints(tmp_path):
     common = ["--store", store, "--prompts", "parti", "--limit", "2", "--steps", "2", "--guidance", "3",
               "--gen-batch-size", "2", "--device", "cpu", "--no-progress", "--pickscore-model", clip,
               "--clip-model", clip]
-    assert main(["run", "--out", str(out), "--checkpoint", f"ppd={runs['ppd']}",
-                 "--checkpoint", f"dpo={runs['dpo']}", "--no-user", "dpo",
+    assert main(["run", "--out", str(out), "--run", f"ppd={runs['ppd']}",
+                 "--run", f"dpo={runs['dpo']}", "--no-user", "dpo",
                  "--rewards", "pickscore,clipscore", *common]) == 0
     res = json.loads((out / "results.json").read_text())
     users = res["users"]

@@ -255,8 +255,8 @@ def test_cli_agreement_with_position_biased_server(tmp_path, monkeypatch):
         monkeypatch.setenv("PPD_JUDGE_BASE_URL", srv.url)
         monkeypatch.setenv("PPD_JUDGE_API_KEY", "k")
         out = tmp_path / "r.json"
-        r = main(["agreement", "--data", str(tmp_path / "d"), "--backend", "http", "--model", "m",
-                  "--queries-per-user", "2", "--out", str(out), "--quiet"])
+        r = main(["agreement", "--data", str(tmp_path / "d"), "--judge", "http", "--judge-model", "m",
+                  "--queries-per-user", "2", "--out", str(out), "--no-progress"])
     assert r["queries"] > 0 and r["dropped"] == r["queries"] and r["consistent"] == 0 and r["agreement"] is None
     assert json.loads(out.read_text())["queries"] == r["queries"]
     assert len(srv.requests) == 2 * r["queries"]
@@ -281,7 +281,7 @@ def test_cli_winrate_from_manifest(tmp_path, monkeypatch):
                (200, _chat(P.format(2))), (200, _chat(P.format(2)))]     # inconsistent -> dropped
     with _Server(replies) as srv:
         monkeypatch.setenv("PPD_JUDGE_BASE_URL", srv.url)
-        r = main(["winrate", "--data", str(tmp_path / "d"), "--manifest", str(manifest), "--backend", "http",
-                  "--model", "m", "--workers", "1", "--quiet"])
+        r = main(["winrate", "--data", str(tmp_path / "d"), "--manifest", str(manifest), "--judge", "http",
+                  "--judge-model", "m", "--judge-workers", "1", "--no-progress"])
     assert (r["wins_a"], r["wins_b"], r["dropped"], r["win_rate_a"]) == (1, 0, 1, 1.0)
     assert r["skipped_no_shots"] == 1 and r["skipped_bad_rows"] == 2 and r["users"] == 2

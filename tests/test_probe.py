@@ -79,7 +79,7 @@ def test_probe_cli_on_tiny_vlm_store(tmp_path):
     stats = embed_users(items, gen, ProfileTemplate(), store, batch_users=4, seed=0, model_id=folder,
                         progress=False)
     assert stats["chunks_embedded"] == 6 and stats["users_embedded"] == 3
-    r = main(["--store", store.path, "--layers", "0,-1", "--epochs", "20", "--hidden", "16", "--quiet",
+    r = main(["--store", store.path, "--layers", "0,-1", "--epochs", "20", "--hidden", "16", "--no-progress",
               "--out", str(tmp_path / "probe.json")])
     assert r["users"] == 3 and r["test"] == 3 and set(r["layers"]) == {0, NUM_LAYERS}
     for acc in r["layers"].values():

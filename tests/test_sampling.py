@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 
 from ppd_engine.adapters import add_user_adapters, user_conditioning
 from ppd_engine.sampling import generate, initial_noise
-from ppd_engine.toyworld.model import build_components, make_diffusion_model
+from ppd_engine.worlds.toy.model import build_components, make_diffusion_model
 
 PROMPTS = ["a circle", "a ring", "a cross"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppd_engine.toyworld.report import MODELS, compute_report, load_folder, spearman, win_rate
+from ppd_engine.worlds.toy.report import MODELS, compute_report, load_folder, spearman, win_rate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from ppd_engine.toyworld import REWARDS, ToyConfig, weighted_reward
-from ppd_engine.toyworld.dataset import ToyPairDataset, build_world, few_shot_embeddings, labelled_pairs
-from ppd_engine.toyworld.fewshot import FEATURE_NAMES, FewShotEncoder, image_features
-from ppd_engine.toyworld.model import (
+from ppd_engine.worlds.toy import REWARDS, ToyConfig, weighted_reward
+from ppd_engine.worlds.toy.dataset import ToyPairDataset, build_world, few_shot_embeddings, labelled_pairs
+from ppd_engine.worlds.toy.fewshot import FEATURE_NAMES, FewShotEncoder, image_features
+from ppd_engine.worlds.toy.model import (
     DEFAULT_ASSET, build_components, load_toy_components, load_toy_model, save_toy_model)
-from ppd_engine.toyworld.pretrain import pretrain, sha256_of
-from ppd_engine.toyworld.scenes import CAPTIONS, SHAPES, hsv_to_rgb, make_scenes
-from ppd_engine.toyworld.text import ToyTextEncoder
-from ppd_engine.toyworld.users import USERS, bradley_terry_labels, get_user
+from ppd_engine.worlds.toy.pretrain import pretrain, sha256_of
+from ppd_engine.worlds.toy.scenes import CAPTIONS, SHAPES, hsv_to_rgb, make_scenes
+from ppd_engine.worlds.toy.text import ToyTextEncoder
+from ppd_engine.worlds.toy.users import USERS, bradley_terry_labels, get_user
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -208,7 +208,7 @@ def test_pretrain_few_steps_writes_model_and_record(tmp_path):
 
 
 def test_shipped_asset_matches_its_record():
-    assert DEFAULT_ASSET.is_file(), "run `python -m ppd_engine.toyworld.pretrain` to create the asset"
+    assert DEFAULT_ASSET.is_file(), "run `python -m ppd_engine.worlds.toy.pretrain` to create the asset"
     rec = json.loads(DEFAULT_ASSET.with_name(DEFAULT_ASSET.name + ".json").read_text())
     assert rec["sha256"] == sha256_of(DEFAULT_ASSET)
     assert DEFAULT_ASSET.stat().st_size < 8 * 2**20
@@ -253,7 +253,7 @@ def test_toy_configs_load_and_name_known_users(name):
     from pathlib import Path
 
     from ppd_engine.config import load_config
-    from ppd_engine.toyworld.run import parse_pairs
+    from ppd_engine.worlds.toy.run import parse_pairs
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name)
     assert cfg.world == "toy" and cfg.model.family == "toy"

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from ppd_engine.files import save_safetensors_atomic
 
 from .families import PROJECTION_NAME
 from .handle import UserAdapters, add_user_adapters, get_user_adapters
@@ -34,26 +34,12 @@ class AdapterFileError(ValueError):
     """An adapter file that cannot be used with this model: unreadable, or keys/shapes/config differ."""
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def save_user_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter weights of `model` and their config to `path` (safetensors, atomic)."""
     handle = get_user_adapters(model)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in handle.named_parameters()}
-    _atomic_save(tensors, path, {_META_KEY: json.dumps(handle.config)})
+    save_safetensors_atomic(tensors, path, {_META_KEY: json.dumps(handle.config)})
 
 
 def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -206,4 +192,4 @@ def export_ip_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     if exported != set(handle.processors):
         raise ValueError(f"layers with a user branch that the IP-Adapter layout cannot hold: "
                          f"{sorted(set(handle.processors) - exported)}")
-    _atomic_save(tensors, path, {"format": "pt", "source": "ppd_engine.export_ip_adapter"})
+    save_safetensors_atomic(tensors, path, {"format": "pt", "source": "ppd_engine.export_ip_adapter"})

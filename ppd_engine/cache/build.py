@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ppd_engine.cli.common import cli_errors
+from ppd_engine.dtypes import canonical_dtype, torch_dtype
 from ppd_engine.cache.store import (FLIP, FORMAT, INDEX, POOLED, TIME_IDS, CacheMismatchError, caption_key,
                                     fingerprint, read_index, shard_keys, write_index, write_shard)
 from ppd_engine.data.images import PREPROCESSING, center_crop
 from ppd_engine.models import make_time_ids
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -104,13 +105,14 @@ def _diff(old: dict, new: dict) -> list[str]:
 
 
 def build_cache(model, records, cache_dir: str, *, resolution: int | None = None, flip: bool = True,
-                dtype: str = "float16", batch_size: int = 8, shard_bytes: int = 256 << 20,
+                dtype: str = "fp16", batch_size: int = 8, shard_bytes: int = 256 << 20,
                 on_mismatch: str = "rebuild", progress: bool = True) -> CacheReport:
     """Encode the images and captions of `records` (PairRecord-like) into `cache_dir`.
 
     model: a DiffusionModel (its VAE and text encoder(s) are used here and nowhere in training).
     resolution: image side fed to the VAE (default model.resolution); latents are (C, R/f, R/f).
-    dtype: storage dtype, "float16" (default), "bfloat16" or "float32"; the dataset returns float32.
+    dtype: storage dtype, fp16 (default) | bf16 | fp32 (ppd_engine.dtypes; aliases such as "float16"
+    accepted); the dataset returns float32.
     on_mismatch: "rebuild" or "raise" when the cache on disk has another fingerprint.
     Images that fail to decode are skipped, logged, listed in the report and in the index
     ("failed_images"); PairCacheDataset leaves out pairs that use them.
@@ -119,13 +121,12 @@ def build_cache(model, records, cache_dir: str, *, resolution: int | None = None
 
     if on_mismatch not in ("rebuild", "raise"):
         raise ValueError(f"on_mismatch must be 'rebuild' or 'raise'; got {on_mismatch!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"cache dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")
+    dtype = canonical_dtype(dtype)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     t0 = time.perf_counter()
     resolution = int(resolution or model.resolution)
-    store_dtype = _DTYPES[dtype]
+    store_dtype = torch_dtype(dtype)
     os.makedirs(cache_dir, exist_ok=True)
     meta = cache_meta(model, resolution, flip, dtype)
     fp = fingerprint(meta)
@@ -220,14 +221,17 @@ def build_cache(model, records, cache_dir: str, *, resolution: int | None = None
     return report
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     """`python -m ppd_engine.cache.build`: build the cache for a Pick-a-Pic folder ahead of training."""
+    from ppd_engine.cli.common import DefaultsFormatter, add_debug, add_device, add_dtype, add_progress, resolve_device
     from ppd_engine.data.pickapic import format_stats, load_pairs
     from ppd_engine.models import load_diffusion_model
 
     p = argparse.ArgumentParser(prog="python -m ppd_engine.cache.build",
                                 description="Encode Pick-a-Pic images (VAE) and captions (text encoders) once "
-                                            "into a sharded safetensors cache used by training.")
+                                            "into a sharded safetensors cache used by training.",
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--family", required=True, choices=["sd15", "sdxl"], help="model family")
     p.add_argument("--pretrained", required=True, help="diffusers hub id or local pipeline folder")
     p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
@@ -237,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-users", type=int, default=None, help="keep only the users with most pairs")
     p.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--no-flip", action="store_true", help="do not cache horizontally flipped latents")
-    p.add_argument("--dtype", default="float16", choices=list(_DTYPES), help="storage dtype (default float16)")
-    p.add_argument("--model-dtype", default="float32", choices=list(_DTYPES), help="dtype the model runs in")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device of the encoders")
+    add_dtype(p, "fp16", "storage dtype of the cached latents and text states")
+    add_dtype(p, "fp32", "dtype the encoders run in", flag="--model-dtype")
+    add_device(p, "device of the encoders")
+    add_progress(p)
+    add_debug(p)
     p.add_argument("--batch-size", type=int, default=16, help="images / captions per encoder call")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate shard size in MiB")
     p.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a cache built with other settings")
@@ -247,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, max_users=args.max_users,
-                       decode_images=False, split=args.split)
+                       decode_images=False, split=args.split, progress=args.progress)
     print(format_stats(pairs.stats))
-    model = load_diffusion_model(args.family, args.pretrained, dtype=_DTYPES[args.model_dtype], device=args.device)
+    model = load_diffusion_model(args.family, args.pretrained, dtype=torch_dtype(args.model_dtype),
+                                 device=resolve_device(args.device))
     report = build_cache(model, pairs.records, args.cache_dir, resolution=args.resolution, flip=not args.no_flip,
                          dtype=args.dtype, batch_size=args.batch_size, shard_bytes=args.shard_mb << 20,
-                         on_mismatch="raise" if args.no_rebuild else "rebuild")
+                         on_mismatch="raise" if args.no_rebuild else "rebuild", progress=args.progress)
     print(report.summary())
     return 0
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ppd_engine.files import write_json_atomic
+from ppd_engine.files import save_safetensors_atomic, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = 1
@@ -50,17 +48,9 @@ def _atomic_json(path: str, obj: dict) -> None:
 
 
 def write_shard(path: str, tensors: dict[str, torch.Tensor], fp: str) -> None:
-    """Write one safetensors shard atomically (temporary name in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={"fingerprint": fp, "format": str(FORMAT)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write one safetensors shard atomically."""
+    save_safetensors_atomic({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                            metadata={"fingerprint": fp, "format": str(FORMAT)})
 
 
 def read_index(cache_dir: str) -> dict | None:

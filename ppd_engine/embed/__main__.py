@@ -11,7 +11,8 @@ import json
 import logging
 import time
 
-import torch
+from ppd_engine.cli.common import (
+    DefaultsFormatter, UsageError, add_debug, add_device, add_dtype, add_progress, cli_errors, device_dtype, resolve_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed Pick-a-Pic users: for each user, a VLM reads N few-shot preference pairs, writes a "
                     "chain-of-thought user profile, and the hidden state(s) of its final generated token are "
                     "stored as the user's embedding. Rerunning with the same --out resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
     p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet (e.g. train); default all")
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -48,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static KV cache + torch.compile of the decode step (fastest on GPU; first batch compiles)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per profile")
     p.add_argument("--template", default=None, help="prompt template file (default: the packaged profile_prompt.txt)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device(p, "where the VLM runs")
+    add_dtype(p, None, "VLM dtype")
+    add_progress(p)
+    add_debug(p)
     return p
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> dict:
     from ppd_engine.data.pickapic import load_pairs
 
@@ -61,15 +64,15 @@ def main(argv: list[str] | None = None) -> dict:
     from .pipeline import embed_users, plan
     from .prompt import ProfileTemplate
     from .store import EmbeddingStore
-    from .vlm import default_device, load_vlm
+    from .vlm import load_vlm
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name, v in (("--shots", args.shots), ("--chunks", args.chunks), ("--batch-users", args.batch_users)):
         if v < 1:
-            raise SystemExit(f"{name} must be >= 1, got {v}")
-    device = args.device or default_device()
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+            raise UsageError(f"{name} must be >= 1, got {v}")
+    device = resolve_device(args.device)
+    dtype = device_dtype(args.dtype, device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                   temperature=args.temperature, top_p=args.top_p, compile=args.compile,
                                   layers=args.layers)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     store = EmbeddingStore(args.out)
 
     pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, decode_images=False,
-                       split=args.split, progress=not args.quiet)
+                       split=args.split, progress=args.progress)
     shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
     items, plan_stats = plan(pairs.by_user(), shots, args.shots, args.chunks, args.seed, store)
     print(f"{len(shots)} users with >= {args.shots} pairs; {len(items)} chunk(s) to embed "
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         stats.update(embed_users(items, generator, template, store, batch_users=args.batch_users, seed=args.seed,
                                  model_id=args.model, save_every=args.save_every,
-                                 progress=not args.quiet))
+                                 progress=args.progress))
         stats["wall_seconds"] = time.perf_counter() - t0
     print(summary(stats, store, args))
     return stats
@@ -109,5 +112,10 @@ def summary(stats: dict, store, args) -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
+    import torch
+
     torch.set_grad_enabled(False)
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)

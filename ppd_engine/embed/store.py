@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ppd_engine.files import save_safetensors_atomic, write_text_atomic
+
 FORMAT = "ppd-user-embeddings/1"
 _PREFIX = "user/"
 _META_KEY = "ppd_store"
@@ -136,26 +138,15 @@ class EmbeddingStore:
         self._tensors, self._meta = staged_t, staged_m
 
     def _write(self, tensors: dict[str, torch.Tensor], meta: dict[str, list[dict]]) -> None:
-        from safetensors.torch import save_file
 
         doc = {"format": FORMAT, "users": {u: meta[u] for u in sorted(tensors)}}
         header = json.dumps(doc, ensure_ascii=False)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        try:
-            save_file({_PREFIX + u: tensors[u] for u in sorted(tensors)}, tmp, metadata={_META_KEY: header})
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_safetensors_atomic({_PREFIX + u: tensors[u] for u in sorted(tensors)}, self.path,
+                                metadata={_META_KEY: header})
         side = {"format": FORMAT, "store": os.path.basename(self.path),
                 "shape": list(next(iter(tensors.values())).shape[1:]) if tensors else None,
                 "users": {u: {"k": int(tensors[u].shape[0]), "embeddings": meta[u]} for u in sorted(tensors)}}
-        tmp = f"{self.sidecar}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(side, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, self.sidecar)
+        write_text_atomic(self.sidecar, json.dumps(side, ensure_ascii=False, indent=1))
 
 
 def _records(user_id: str, k: int, meta: dict) -> list[dict]:

@@ -11,21 +11,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+from ppd_engine.cli.common import (
+    DefaultsFormatter, UsageError, add_checkpoint, add_debug, add_device, add_dtype, add_judge, add_progress, cli_errors,
+    make_judge_backend, resolve_device)
+from ppd_engine.dtypes import torch_dtype
 
 from .rewards import (AESTHETIC_CLIP, CLIP_MODEL, HPSV2_ARCH, HPSV2_REPO, PICKSCORE_MODEL,
                       REWARD_NAMES, load_reward)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> None:
     g = p.add_argument_group("generation")
     if checkpoints:
-        g.add_argument("--checkpoint", action="append", default=[], metavar="NAME=RUN_DIR",
-                       help="a training run folder to evaluate (its latest checkpoint), optionally "
-                            "named; repeat for each checkpoint (e.g. --checkpoint ppd=runs/ppd "
-                            "--checkpoint dpo=runs/dpo). The first listed is 'first' in win rates.")
+        g.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
+                       help="a training run folder to evaluate, optionally named; repeat for each run "
+                            "(e.g. --run ppd=runs/ppd --run dpo=runs/dpo). The first listed is 'first' "
+                            "in win rates.")
+        add_checkpoint(g)
         g.add_argument("--no-user", action="append", default=[], metavar="NAME",
                        help="a checkpoint trained non-personalized (the Diffusion-DPO baseline): "
                             "sample it with the zero user embedding it was trained with; repeatable. "
@@ -83,31 +85,14 @@ def _reward_args(p: argparse.ArgumentParser, single: bool = False) -> None:
     g.add_argument("--hpsv2-arch", default=HPSV2_ARCH,
                    help=f"open_clip architecture of an HPSv2 checkpoint file (default {HPSV2_ARCH})")
     g.add_argument("--reward-batch-size", type=int, default=16, help="images per reward batch (default 16)")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="reward model dtype (default float32)")
+    add_dtype(g, "fp32", "reward model dtype")
 
 
 def _judge_args(p: argparse.ArgumentParser, with_store: bool) -> None:
-    g = p.add_argument_group("VLM judge (optional; skipped unless --judge is given)")
-    g.add_argument("--judge", default=None, choices=("local", "http"),
-                   help="judge backend (ppd_engine.judge): 'local' = a transformers VLM (LLaVA-OneVision, "
-                        "Qwen2-VL) named by --judge-model; 'http' = an OpenAI-compatible endpoint, URL and "
-                        "key from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY. Temperature 1.0, top_p 1.0; "
-                        "each pair is asked in both orders and kept only when the answers agree")
-    g.add_argument("--judge-model", default=None,
-                   help="judge VLM folder / hub id (local), or the endpoint's model name (http)")
+    g = add_judge(p, required=False)
     g.add_argument("--judge-data", default=None,
                    help="Pick-a-Pic parquet folder holding the users' few-shot pairs shown to the judge")
     g.add_argument("--judge-split", default=None, help="only --judge-data files named SPLIT-*.parquet")
-    g.add_argument("--judge-shots", type=int, default=4, help="few-shot pairs shown per user (default 4)")
-    g.add_argument("--judge-seed", type=int, default=0,
-                   help="seed of the few-shot split (when the store did not record the shots) and of "
-                        "judge sampling (default 0)")
-    g.add_argument("--judge-batch", type=int, default=4, help="judge prompts per backend call (default 4)")
-    g.add_argument("--judge-max-new-tokens", type=int, default=1024,
-                   help="judge answer budget: chain of thought + prediction (default 1024)")
-    g.add_argument("--judge-template", default=None,
-                   help="prompt template (default: ppd_engine/embed/profile_prompt.txt)")
     if with_store:
         g.add_argument("--store", default=None,
                        help="user-embedding store: the judge is shown the pairs recorded as the shots "
@@ -116,28 +101,28 @@ def _judge_args(p: argparse.ArgumentParser, with_store: bool) -> None:
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (images, manifest.json, results.json, report.md)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="device for sampling and scoring (default: cuda when available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device(p, "device for sampling and scoring")
+    add_progress(p)
+    add_debug(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ppd_engine.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="sample every checkpoint for every user (same seeds)")
+    gen = sub.add_parser("generate", formatter_class=DefaultsFormatter, help="sample every checkpoint for every user (same seeds)")
     _common_args(gen)
     _generation_args(gen)
-    sc = sub.add_parser("score", help="score OUT's images: reward models, VLM judge, report")
+    sc = sub.add_parser("score", formatter_class=DefaultsFormatter, help="score OUT's images: reward models, VLM judge, report")
     _common_args(sc)
     _reward_args(sc)
     _judge_args(sc, with_store=True)
-    run = sub.add_parser("run", help="generate, then score")
+    run = sub.add_parser("run", formatter_class=DefaultsFormatter, help="generate, then score")
     _common_args(run)
     _generation_args(run)
     _reward_args(run)
     _judge_args(run, with_store=False)
-    sw = sub.add_parser("sweep", help="pick the best-β run by its mean validation reward")
+    sw = sub.add_parser("sweep", formatter_class=DefaultsFormatter, help="pick the best-β run by its mean validation reward")
     _common_args(sw)
     sw.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                     help="run folders trained with different β (β read from each config.yaml)")
@@ -154,7 +139,7 @@ def _reward_names(args) -> list[str]:
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
     bad = [n for n in names if n not in REWARD_NAMES]
     if bad:
-        raise SystemExit(f"--rewards: unknown {bad}; choose from {', '.join(REWARD_NAMES)}")
+        raise UsageError(f"--rewards: unknown {bad}; choose from {', '.join(REWARD_NAMES)}")
     return names
 
 
@@ -167,8 +152,9 @@ def _score_all(args, out: str, manifest: dict) -> dict:
                              pickscore_processor=args.pickscore_processor, clip_model=args.clip_model,
                              aesthetic_clip=args.aesthetic_clip, aesthetic_weights=args.aesthetic_weights,
                              hpsv2_checkpoint=args.hpsv2_checkpoint, hpsv2_arch=args.hpsv2_arch,
-                             batch_size=args.reward_batch_size, device=args.device, dtype=DTYPES[args.dtype])
-        scores[name] = score_images(out, manifest, reward, progress=not args.no_progress)
+                             batch_size=args.reward_batch_size, device=resolve_device(args.device),
+                             dtype=torch_dtype(args.dtype))
+        scores[name] = score_images(out, manifest, reward, progress=args.progress)
         del reward
         release_memory()
     return scores
@@ -187,7 +173,7 @@ def _generate(args, checkpoints) -> dict:
           f"{len(checkpoints)} checkpoints -> {args.out}")
     return run_generation(checkpoints, prompt_set, users, store, args.out, seed=args.seed,
                           batch_size=args.gen_batch_size, embed_index=args.embed_index,
-                          device=args.device, progress=not args.no_progress, steps=args.steps,
+                          device=resolve_device(args.device), progress=args.progress, steps=args.steps,
                           guidance=args.guidance, user_guidance=args.user_guidance,
                           user_scale=args.user_scale)
 
@@ -206,10 +192,12 @@ def _print_summary(results: dict, out: str) -> None:
 
 def _run_judge(args, manifest: dict) -> dict:
     from .evaluate import judge_images
-    from .judging import build_judge, load_judge_shots, make_judge_fn
+    from ppd_engine.judge import Judge
+
+    from .judging import load_judge_shots, make_judge_fn
 
     if not args.judge_data:
-        raise SystemExit("--judge needs --judge-data (the Pick-a-Pic folder with the users' few-shot pairs)")
+        raise UsageError("--judge needs --judge-data (the Pick-a-Pic folder with the users' few-shot pairs)")
     store = None
     if args.store:
         from ppd_engine.embed.store import EmbeddingStore
@@ -217,11 +205,11 @@ def _run_judge(args, manifest: dict) -> dict:
         store = EmbeddingStore(args.store)
     shots = load_judge_shots(args.judge_data, manifest["users"], store,
                              manifest.get("sampler", {}).get("embed_index", 0), args.judge_shots,
-                             args.judge_seed, args.judge_split, progress=not args.no_progress)
-    judge = build_judge(args.judge, args.judge_model, args.device, args.judge_seed, args.judge_batch,
-                        args.judge_max_new_tokens, args.judge_template)
+                             args.judge_seed, args.judge_split, progress=args.progress)
+    judge = Judge(make_judge_backend(args, resolve_device(args.device)), template=args.judge_template,
+                  seed=args.judge_seed)
     return judge_images(args.out, manifest, make_judge_fn(judge, shots, args.judge_batch),
-                        progress=not args.no_progress)
+                        progress=args.progress)
 
 
 def _score(args) -> dict:
@@ -233,7 +221,7 @@ def _score(args) -> dict:
     if args.judge:
         judge = _run_judge(args, manifest)
     if not scores and judge is None:
-        raise SystemExit("nothing to score: --rewards none and no --judge")
+        raise UsageError("nothing to score: --rewards none and no --judge")
     results = write_results(args.out, manifest, scores, judge)
     _print_summary(results, args.out)
     return results
@@ -259,14 +247,17 @@ def _sweep(args) -> dict:
     return data
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import ppd_engine.worlds  # noqa: F401  (runs of every registered world can be evaluated)
+
     if args.command in ("generate", "run"):
         from .generate import parse_checkpoints
 
-        if not args.checkpoint:
-            raise SystemExit("give at least one --checkpoint NAME=RUN_DIR")
-        _generate(args, parse_checkpoints(args.checkpoint, args.no_user))
+        if not args.run:
+            raise UsageError("give at least one --run NAME=RUN_DIR")
+        _generate(args, parse_checkpoints(args.run, args.no_user, checkpoint=args.checkpoint))
     if args.command in ("score", "run"):
         _score(args)
     if args.command == "sweep":

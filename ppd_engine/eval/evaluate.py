@@ -80,7 +80,7 @@ def run_generation(checkpoints: Sequence[CheckpointSpec], prompt_set: PromptSet,
     # Written first too, so an interrupted run's images are still tied to how they were made.
     write_json(out / MANIFEST, manifest)
     for ck in checkpoints:
-        _, model = load_run(ck.run_dir, device=device)
+        _, model = load_run(ck.run_dir, checkpoint=ck.checkpoint, device=device)
         shape = adapter_input_shape(model)
         if shape is None:
             raise ValueError(f"{ck.run_dir}: the loaded unet has no user adapters")

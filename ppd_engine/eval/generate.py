@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from ppd_engine.files import save_image_atomic
 
 
 @dataclass
@@ -26,10 +27,14 @@ class CheckpointSpec:
     # False = trained non-personalized (Diffusion-DPO baseline): sampled with the zero user embedding
     # it was trained with, not the user's embedding.
     personalized: bool = True
+    # which checkpoint of the run: latest | step-N | a step-N folder (ppd_engine.training.checkpoint)
+    checkpoint: str = "latest"
 
 
-def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = ()) -> list[CheckpointSpec]:
-    """`NAME=RUN_DIR` or `RUN_DIR` (name = folder name) -> specs; names must be unique and safe."""
+def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = (), checkpoint: str = "latest"
+                      ) -> list[CheckpointSpec]:
+    """`NAME=RUN_DIR` or `RUN_DIR` (name = folder name) -> specs; names must be unique and safe.
+    `checkpoint` (latest | step-N | folder) is the checkpoint of each run to evaluate."""
     out, seen = [], set()
     for spec in specs:
         name, sep, run_dir = spec.partition("=")
@@ -40,7 +45,7 @@ def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = ()) -> list
         if name in seen:
             raise ValueError(f"checkpoint name {name!r} given twice; use NAME=RUN_DIR to rename")
         seen.add(name)
-        out.append(CheckpointSpec(name, run_dir))
+        out.append(CheckpointSpec(name, run_dir, checkpoint=checkpoint))
     unknown = set(no_user) - seen
     if unknown:
         raise ValueError(f"--no-user names unknown checkpoint(s) {sorted(unknown)}; known: {sorted(seen)}")
@@ -76,19 +81,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Atomic PNG write: temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def image_path(out_dir: str | os.PathLike, checkpoint: str, user: str, index: int) -> Path:
@@ -154,7 +146,7 @@ def generate_images(model, generate_fn: GenerateFn, checkpoint: CheckpointSpec, 
             if imgs.shape[0] != len(chunk):
                 raise RuntimeError(f"sampler returned {imgs.shape[0]} images for {len(chunk)} prompts")
             for i, im in zip(chunk, to_pil(imgs)):
-                save_png(im, image_path(out_dir, checkpoint.name, u, i))
+                save_image_atomic(im, image_path(out_dir, checkpoint.name, u, i))
             bar.update(len(chunk))
     bar.close()
     return {"generated": len(todo), "kept": kept}

@@ -53,24 +53,6 @@ def load_judge_shots(data: str, users: Sequence[str], store=None, embed_index: i
     return out
 
 
-def build_judge(backend: str, model: str, device: str = "cpu", seed: int = 0, batch: int = 4,
-                max_new_tokens: int = 1024, template: str | None = None):
-    """A `ppd_engine.judge.Judge` over the 'local' (transformers VLM) or 'http' (OpenAI-compatible;
-    URL and key from the environment) backend, sampling at temperature 1.0, top_p 1.0 (paper)."""
-    from ppd_engine.judge import Judge, LocalVLMBackend, OpenAIBackend
-
-    if not model:
-        raise ValueError("--judge needs --judge-model (a VLM folder / hub id, or the endpoint's model name)")
-    if backend == "http":
-        b = OpenAIBackend(model, max_tokens=max_new_tokens)
-    elif backend == "local":
-        b = LocalVLMBackend(model, device=device, dtype="bf16" if device.startswith("cuda") else "fp32",
-                            max_new_tokens=max_new_tokens, batch=batch)
-    else:
-        raise ValueError(f"unknown judge backend {backend!r}; choose 'local' or 'http'")
-    return Judge(b, template=template, seed=seed)
-
-
 def make_judge_fn(judge, shots: Mapping[str, list], batch: int = 4) -> Callable:
     """`judge_fn(user, prompts, images_a, images_b) -> (wins_a, wins_b, dropped)`, or None for a user
     without few-shot pairs (reported as not judged), for `evaluate.judge_images`."""

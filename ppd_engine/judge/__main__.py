@@ -9,9 +9,11 @@ Modes:
 
 Examples:
   PPD_JUDGE_API_KEY=... python -m ppd_engine.judge agreement --data /data/pickapic_v2 --split validation \\
-      --backend http --model gpt-4o-mini --max-users 100 --out judge_agreement.json
+      --judge http --judge-model gpt-4o-mini --max-users 100 --out judge_agreement.json
   python -m ppd_engine.judge winrate --data /data/pickapic_v2 --manifest eval/pairs.jsonl \\
-      --backend local --model llava-hf/llava-onevision-qwen2-7b-ov-hf --dtype bf16
+      --judge local --judge-model llava-hf/llava-onevision-qwen2-7b-ov-hf --judge-dtype bf16
+
+The judge's flags (--judge, --judge-model, --judge-shots, ...) are the same in `ppd eval`.
 """
 from __future__ import annotations
 
@@ -20,55 +22,36 @@ import json
 import logging
 import os
 import random
+import sys
 
+from ppd_engine.cli.common import (
+    DefaultsFormatter, UsageError, add_debug, add_device, add_judge, add_progress, cli_errors, make_judge_backend, resolve_device)
 from ppd_engine.files import write_json_atomic
-
-from .backends import ENV_API_KEY, ENV_BASE_URL
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ppd_engine.judge", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("mode", choices=("agreement", "winrate"), help="see the module docstring / README")
     p.add_argument("--data", required=True, help="Pick-a-Pic parquet folder holding each user's few-shot pairs")
     p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet")
     p.add_argument("--manifest", default=None, help="winrate: JSONL of {user_id, caption, image_a, image_b}")
-    p.add_argument("--backend", choices=("local", "http"), default="local",
-                   help=f"local: transformers VLM; http: OpenAI-compatible endpoint (${ENV_BASE_URL}, ${ENV_API_KEY})")
-    p.add_argument("--model", required=True, help="local: hub id or folder; http: the endpoint's model name")
-    p.add_argument("--shots", type=int, default=4, help="few-shot pairs shown per user")
     p.add_argument("--max-users", type=int, default=None, help="agreement: only the users with the most pairs")
     p.add_argument("--queries-per-user", type=int, default=4, help="agreement: held-out pairs judged per user")
-    p.add_argument("--seed", type=int, default=0, help="few-shot split, query choice, A/B placement and sampling")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus truncation (paper: 1.0 = none)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="answer budget (chain of thought + prediction)")
-    p.add_argument("--batch", type=int, default=4, help="local: prompts decoded together")
-    p.add_argument("--timeout", type=float, default=120.0, help="http: seconds per request")
-    p.add_argument("--max-retries", type=int, default=5, help="http: retries on 429/5xx/timeouts")
-    p.add_argument("--workers", type=int, default=4, help="http: requests in flight at once")
-    p.add_argument("--template", default=None, help="prompt template (default: ppd_engine/embed/profile_prompt.txt)")
-    p.add_argument("--device", default=None, help="local: cuda / cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="local: bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
+    add_judge(p, required=True)
+    add_device(p, "local judge: where the VLM runs")
     p.add_argument("--out", default=None, help="write the results JSON here (atomically)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress(p)
+    add_debug(p)
     return p
-
-
-def make_backend(args):
-    from .backends import make_backend as make
-
-    return make(args.backend, args.model, device=args.device, dtype=args.dtype, temperature=args.temperature,
-                top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch=args.batch, timeout=args.timeout,
-                max_retries=args.max_retries, workers=args.workers)
 
 
 def run_agreement(judge, pairs, args) -> dict:
     from tqdm.auto import tqdm
 
-    shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
+    shots, _ = pairs.few_shot_split(n_shots=args.judge_shots, seed=args.judge_seed)
     by_user = pairs.by_user()
-    rng = random.Random(args.seed)
+    rng = random.Random(args.judge_seed)
     queries = []  # (user, shots, image_a, image_b, caption, winner_is_a)
     for user in sorted(shots):
         held = {id(r) for r in shots[user]}
@@ -79,7 +62,7 @@ def run_agreement(judge, pairs, args) -> dict:
             queries.append((user, shots[user], a, b, r.caption, a_wins))
     totals = {"queries": 0, "consistent": 0, "dropped": 0, "correct": 0}
     per_user: dict[str, dict] = {}
-    for q in tqdm(queries, desc="judge", unit="pair", disable=args.quiet):
+    for q in tqdm(queries, desc="judge", unit="pair", disable=not args.progress):
         user, sh, a, b, caption, a_wins = q
         try:
             res = judge.compare(sh, a, b, caption)
@@ -104,7 +87,7 @@ def run_winrate(judge, pairs, args) -> dict:
     from ppd_engine.embed.prompt import as_pil
 
     if not args.manifest:
-        raise SystemExit("winrate needs --manifest FILE.jsonl")
+        raise UsageError("winrate needs --manifest FILE.jsonl")
     root = os.path.dirname(os.path.abspath(args.manifest))
     rows, bad = [], 0
     with open(args.manifest, encoding="utf-8") as f:
@@ -117,10 +100,10 @@ def run_winrate(judge, pairs, args) -> dict:
             except (ValueError, KeyError) as e:
                 bad += 1
                 logging.warning("%s line %d skipped (need user_id, caption, image_a, image_b): %s", args.manifest, n, e)
-    shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
+    shots, _ = pairs.few_shot_split(n_shots=args.judge_shots, seed=args.judge_seed)
     per_user: dict[str, dict] = {}
     totals = {"wins_a": 0, "wins_b": 0, "dropped": 0, "skipped_no_shots": 0, "skipped_bad_rows": bad}
-    for user, caption, pa, pb in tqdm(rows, desc="judge", unit="pair", disable=args.quiet):
+    for user, caption, pa, pb in tqdm(rows, desc="judge", unit="pair", disable=not args.progress):
         if user not in shots:
             totals["skipped_no_shots"] += 1
             continue
@@ -146,6 +129,7 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+@cli_errors
 def main(argv: list[str] | None = None) -> dict:
     from ppd_engine.data.pickapic import load_pairs
 
@@ -153,13 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users,
-                       decode_images=False, split=args.split, progress=not args.quiet)
-    backend = make_backend(args)
-    judge = Judge(backend, template=args.template, seed=args.seed)
+    pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
+                       decode_images=False, split=args.split, progress=args.progress)
+    backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")
+    judge = Judge(backend, template=args.judge_template, seed=args.judge_seed)
     result = run_agreement(judge, pairs, args) if args.mode == "agreement" else run_winrate(judge, pairs, args)
-    result.update(backend=args.backend, model=args.model, prompt_sha256=judge.template.sha256,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    result.update(backend=args.judge, model=args.judge_model, prompt_sha256=judge.template.sha256,
+                  temperature=args.judge_temperature, top_p=args.judge_top_p, seed=args.judge_seed)
     if hasattr(backend, "stats"):
         result["http"] = dict(backend.stats)
     if args.out:
@@ -180,4 +164,5 @@ def summary(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)

@@ -67,6 +67,23 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path | None:
     return found
 
 
+def resolve_checkpoint(run_dir: str | os.PathLike, spec: str = "latest") -> Path:
+    """The `--checkpoint` of every command: 'latest' (newest of the run), 'step-N' (inside
+    RUN/checkpoints), or a path to a step-N folder. Raises FileNotFoundError naming what is there."""
+    run_dir = Path(run_dir)
+    if spec in ("", "latest"):
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet (checkpoints/step-N/)")
+        return found
+    inside = run_dir / "checkpoints" / spec
+    for cand in (inside, Path(spec)):
+        if (cand / "state.json").is_file():
+            return cand
+    have = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    raise FileNotFoundError(f"--checkpoint {spec}: no such checkpoint in {run_dir} (have: {', '.join(have) or 'none'})")
+
+
 # --- RNG states ---------------------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ppd_engine.files import save_image_atomic, write_text_atomic
+
 METRIC_KEYS = ("loss", "implicit_acc", "model_mse", "ref_mse", "reward_margin", "grad_norm", "lr",
                "pairs_per_s", "peak_mem_mb")
 
@@ -40,10 +42,7 @@ def truncate_metrics(path: Path, after_step: int) -> None:
                     keep.append(line)
             except (ValueError, KeyError):
                 continue  # a line cut short by the crash
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(keep)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(keep))
 
 
 class MetricsLogger:
@@ -101,7 +100,6 @@ def save_grid_png(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> t
     """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` and write a PNG (temp name + rename).
 
     Returns the (3, H', W') grid."""
-    from PIL import Image
 
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)
@@ -109,10 +107,5 @@ def save_grid_png(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> t
     for i in range(n):
         r, col = divmod(i, nrow)
         grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i].float().cpu()
-    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    save_image_atomic(grid, path)
     return grid

@@ -5,7 +5,6 @@ as safetensors + JSON (no pickle).
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import torch
@@ -98,14 +97,13 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str) -> None:
     """Write `path_stem`.safetensors (every state tensor, incl. bnb's uint8 state and absmax) and
-    `path_stem`.json (scalars and structure)."""
+    `path_stem`.json (scalars and structure). Plain writes: they go into a checkpoint's temp folder,
+    which is renamed into place whole (training/checkpoint.py)."""
     tensors: dict[str, torch.Tensor] = {}
     tree = _split(optimizer.state_dict(), "opt", tensors, {})
     save_file(tensors, path_stem + ".safetensors")
-    tmp = path_stem + ".json.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open(path_stem + ".json", "w", encoding="utf-8") as fh:
         json.dump(tree, fh)
-    os.replace(tmp, path_stem + ".json")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str) -> None:

@@ -7,12 +7,13 @@ NaN/Inf step skipping, distributed adapters, checkpoints that resume exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -31,6 +32,13 @@ from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
 logger = logging.getLogger(__name__)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp32": None}
+
+
+@runtime_checkable
+class EpochAware(Protocol):
+    """A dataset whose items depend on the epoch (e.g. the latent cache's per-epoch random flips)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
 
 
 class BadStepsError(RuntimeError):
@@ -77,49 +85,61 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, model, dataset, user_embeddings: Mapping[str, torch.Tensor] | None,
-                 run_dir: str, personalized: bool = True):
-        from ppd_engine.adapters import add_user_adapters, load_user_adapters
-        from ppd_engine.losses import LOSSES
-
+                 run_dir: str, personalized: bool = True, env: DistEnv | None = None):
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.run_dir = Path(run_dir)
         self.personalized = personalized
         self.user_embeddings = user_embeddings
-        t, o = cfg.train, cfg.optim
-        spec = LOSSES.get(cfg.loss.name)
-        if spec is None:
-            raise ValueError(f"loss.name={cfg.loss.name!r} is not registered; have {sorted(LOSSES)}")
-        if cfg.loss.weighting != "uniform" and not spec.uses_weight:
-            raise ValueError(f"loss.weighting={cfg.loss.weighting!r}: loss {cfg.loss.name!r} takes no per-pair weight")
-        if personalized and not user_embeddings:
+        # The caller (the CLI, a world) joins the process group once; a library caller may let the
+        # trainer do it from train.device / dist.*.
+        self.env = env if env is not None else init_distributed(cfg.train.device, cfg.dist.backend,
+                                                                cfg.dist.timeout_s)
+        self._check_inputs()
+        self._plan_data()
+        self._add_adapters()
+        state = self._read_resume_state()
+        self._distribute()
+        self._build_optimizer()
+        self._restore(state)
+        self._prepare_conditioning()
+        self._prepare_run_folder()
+
+    # -- setup, one named step each -------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        """What the config cannot check alone: the embeddings against the personalized flag and user_dim."""
+        if self.personalized and not self.user_embeddings:
             raise ValueError("personalized training needs user embeddings (data.embeddings)")
-
-        self.env: DistEnv = init_distributed(t.device, cfg.dist.backend, cfg.dist.timeout_s)
-        env = self.env
-        self.sharded = cfg.dist.adapters == "shard" and env.distributed
-        self.accum = t.pairs_per_step // (t.micro_batch * env.world_size)
-        self.slots = rank_slots(t.pairs_per_step, t.micro_batch, env.rank, env.world_size)
-        self.order = DataOrder(len(dataset), t.pairs_per_step, t.seed)
-        self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
-
-        shape = _embedding_shape(user_embeddings)
-        user_dim = cfg.adapters.user_dim or (shape[1] if shape else 0)
-        if shape and cfg.adapters.user_dim and cfg.adapters.user_dim != shape[1]:
-            raise ValueError(f"adapters.user_dim={cfg.adapters.user_dim} but the embeddings have Du={shape[1]}")
+        shape = _embedding_shape(self.user_embeddings)
+        a = self.cfg.adapters
+        if shape and a.user_dim and a.user_dim != shape[1]:
+            raise ValueError(f"adapters.user_dim={a.user_dim} but the embeddings have Du={shape[1]}")
+        user_dim = a.user_dim or (shape[1] if shape else 0)
         if user_dim <= 0:
             raise ValueError("adapters.user_dim: set it (no user embeddings to read it from)")
         self.embed_shape = (shape[0] if shape else 1, user_dim)
 
+    def _plan_data(self) -> None:
+        """The deterministic data order and this rank's micro-batch slots of every step."""
+        t, env = self.cfg.train, self.env
+        self.sharded = self.cfg.dist.adapters == "shard" and env.distributed
+        self.accum = t.pairs_per_step // (t.micro_batch * env.world_size)
+        self.slots = rank_slots(t.pairs_per_step, t.micro_batch, env.rank, env.world_size)
+        self.order = DataOrder(len(self.dataset), t.pairs_per_step, t.seed)
+        self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
+
+    def _add_adapters(self) -> None:
+        from ppd_engine.adapters import add_user_adapters
+
+        t, a = self.cfg.train, self.cfg.adapters
         # Same seed on every rank: identical adapter initialisation, which FSDP's sharding relies on
         # (each rank keeps its own slice of its own copy); replicas also get rank 0's copy broadcast.
         torch.manual_seed(t.seed)
-        unet = model.unet
-        unet.to(env.device)
+        unet = self.model.unet
+        unet.to(self.env.device)
         unet.requires_grad_(False)
-        self.adapters = add_user_adapters(unet, user_dim=user_dim, num_tokens=cfg.adapters.num_tokens,
-                                          projection=cfg.adapters.projection, scale=cfg.adapters.scale,
-                                          dropout=0.0, in_tokens=self.embed_shape[0],
-                                          attention=cfg.adapters.attention,
+        self.adapters = add_user_adapters(unet, user_dim=self.embed_shape[1], num_tokens=a.num_tokens,
+                                          projection=a.projection, scale=a.scale, dropout=0.0,
+                                          in_tokens=self.embed_shape[0], attention=a.attention,
                                           # fp32 masters whatever the base dtype; autocast does the
                                           # low-precision compute. Passing it here (not .float()
                                           # afterwards) keeps the saved adapter config truthful.
@@ -127,18 +147,26 @@ class Trainer:
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, self.run_dir)
-        state = None
-        if self.resume_from is not None:
-            state = ckpt.read_json(self.resume_from / "state.json")
-            self._check_resumable(state)
-            load_user_adapters(unet, self.resume_from / "adapters.safetensors")
+    def _read_resume_state(self) -> dict | None:
+        """The checkpoint to resume from (checkpoint.resume) and its adapters; None for a fresh run."""
+        from ppd_engine.adapters import load_user_adapters
 
+        self.resume_from = ckpt.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if self.resume_from is None:
+            return None
+        state = ckpt.read_json(self.resume_from / "state.json")
+        self._check_resumable(state)
+        load_user_adapters(self.model.unet, self.resume_from / "adapters.safetensors")
+        return state
+
+    def _distribute(self) -> None:
+        """Shard the adapters with FSDP2, or replicate them (rank 0's copy) with a gradient all-reduce."""
+        env = self.env
         params = list(self.adapters.parameters())
         self.fsdp_modules: list[nn.Module] = []
         self.grad_sync = None
         if self.sharded:
-            self.fsdp_modules = shard_adapters(unet, params, env)
+            self.fsdp_modules = shard_adapters(self.model.unet, params, env)
             params = list(self.adapters.parameters())  # now DTensors
         elif env.distributed:
             with torch.no_grad():
@@ -146,47 +174,61 @@ class Trainer:
                     torch.distributed.broadcast(p.data, src=0)
             self.grad_sync = ReplicatedGradSync(params, env)
         self.params = params
+
+    def _build_optimizer(self) -> None:
+        o = self.cfg.optim
         self.views = None
         if self.sharded:
             if o.name not in ELEMENTWISE:
                 raise ValueError(f"optim.name={o.name!r} cannot step local shards; use dist.adapters=replicate")
-            self.views = LocalShardParams(params)
+            self.views = LocalShardParams(self.params)
             self.optimizer = build_optimizer(self.views.views, o)
         else:
-            self.optimizer = build_optimizer(params, o)
+            self.optimizer = build_optimizer(self.params, o)
 
+    def _restore(self, state: dict | None) -> None:
+        """Counters, optimizer state and this rank's RNG from the resume checkpoint."""
         self.step = 0
         self.updates = 0
         self.bad_total = 0
         self.bad_run = 0
-        if state is not None:
-            self.step, self.updates = state["step"], state["updates"]
-            self.bad_total, self.bad_run = state["bad_steps_total"], state["consecutive_bad"]
-            rank_file = env.rank if self.sharded else 0
-            load_optimizer_state(self.optimizer, str(self.resume_from / f"optimizer-rank{rank_file}"))
-            rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
-            if rng.is_file():
-                ckpt.restore_rng_state(rng)
+        if state is None:
+            return
+        env = self.env
+        self.step, self.updates = state["step"], state["updates"]
+        self.bad_total, self.bad_run = state["bad_steps_total"], state["consecutive_bad"]
+        rank_file = env.rank if self.sharded else 0
+        load_optimizer_state(self.optimizer, str(self.resume_from / f"optimizer-rank{rank_file}"))
+        rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
+        if rng.is_file():
+            ckpt.restore_rng_state(rng)
 
-        enc = model.encode_text([""])
-        self.empty_text = enc.states.detach().to(env.device, torch.float32)
-        self.empty_pooled = None if enc.pooled is None else enc.pooled.detach().to(env.device, torch.float32)
-        self.autocast = _AUTOCAST[t.mixed_precision]
+    def _prepare_conditioning(self) -> None:
+        """The empty caption's conditioning (caption dropout) and the autocast dtype."""
+        enc = self.model.encode_text([""])
+        device = self.env.device
+        self.empty_text = enc.states.detach().to(device, torch.float32)
+        self.empty_pooled = None if enc.pooled is None else enc.pooled.detach().to(device, torch.float32)
+        self.autocast = _AUTOCAST[self.cfg.train.mixed_precision]
         self.last_checkpoint: str | None = str(self.resume_from) if self.resume_from else None
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if self.resume_from is None:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            else:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            n = sum(p.numel() for p in self.params) * (env.world_size if self.sharded else 1)
-            logger.info("training %s adapter params (%s, %d rank(s), %s adapters), %d steps x %d pairs "
-                        "(%d micro-batches of %d per rank)", f"{n:,}", o.name, env.world_size,
-                        "sharded" if self.sharded else "replicated", self.total_steps, t.pairs_per_step,
-                        self.accum, t.micro_batch)
 
-    # -- setup helpers ------------------------------------------------------------------------
+    def _prepare_run_folder(self) -> None:
+        """config.yaml and a metrics.jsonl that matches the step we start from (rank 0 only)."""
+        env, t, o = self.env, self.cfg.train, self.cfg.optim
+        if not env.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.resume_from is None:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        n = sum(p.numel() for p in self.params) * (env.world_size if self.sharded else 1)
+        logger.info("training %s adapter params (%s, %d rank(s), %s adapters), %d steps x %d pairs "
+                    "(%d micro-batches of %d per rank)", f"{n:,}", o.name, env.world_size,
+                    "sharded" if self.sharded else "replicated", self.total_steps, t.pairs_per_step,
+                    self.accum, t.micro_batch)
+
     def _check_resumable(self, state: dict) -> None:
         t = self.cfg.train
         if state.get("data_items") != len(self.dataset):
@@ -213,9 +255,9 @@ class Trainer:
         t = cfg.train
         start = time.perf_counter()
         indices = self.order.step_indices(self.step)
-        if hasattr(self.dataset, "set_epoch"):  # e.g. the cache's per-epoch random flips
+        if isinstance(self.dataset, EpochAware):  # e.g. the cache's per-epoch random flips
             self.dataset.set_epoch(self.order.cursor(self.step)["epoch"])
-        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        sums = None
         sched = self.model.noise_scheduler
         for slots in self.slots:
             batch = collate([self.dataset[indices[s]] for s in slots], env.device)
@@ -229,13 +271,16 @@ class Trainer:
                 beta=cfg.loss.beta, weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
                 loss_options=cfg.loss.options, strategy=t.paired_strategy, autocast_dtype=self.autocast)
             (loss / self.accum).backward()
-            sums += torch.stack([st.loss, st.implicit_acc, st.model_mse, st.ref_mse, st.reward_margin]).double()
+            stat_names = [f.name for f in dataclasses.fields(st)]
+            row = torch.stack([getattr(st, n).detach().reshape(()).double() for n in stat_names])
+            sums = row if sums is None else sums + row
         if self.grad_sync is not None:
             self.grad_sync()
         # Means over every pair of the step (each rank holds the same number of micro-batches).
         means = all_reduce_sum(sums, env) / (self.accum * env.world_size)
+        stats = dict(zip(stat_names, means.tolist()))
         grad_norm = global_grad_norm(self.params, env, self.sharded)
-        bad = torch.tensor([0.0 if (math.isfinite(means[0].item()) and math.isfinite(grad_norm.item())) else 1.0],
+        bad = torch.tensor([0.0 if (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())) else 1.0],
                            device=env.device)
         bad = bool(all_reduce_sum(bad, env).item() > 0)
         lr = lr_at(self.updates, cfg.optim)
@@ -259,8 +304,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "step": self.step, "epoch": self.order.cursor(self.step - 1)["epoch"],
-            "loss": means[0].item(), "implicit_acc": means[1].item(), "model_mse": means[2].item(),
-            "ref_mse": means[3].item(), "reward_margin": means[4].item(), "grad_norm": grad_norm.item(),
+            **stats, "grad_norm": grad_norm.item(),
             "lr": lr, "pairs_per_s": t.pairs_per_step / max(elapsed, 1e-9),
             "peak_mem_mb": peak_memory_mb(env.device), "skipped": int(bad), "bad_steps_total": self.bad_total,
         }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppd_engine.toyworld.rewards import weighted_reward
+from ppd_engine.worlds.toy.rewards import weighted_reward
 
 
 @dataclass(frozen=True)

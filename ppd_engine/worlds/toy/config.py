@@ -35,11 +35,11 @@ class ToyConfig:
     image_size: int = field(default=16, metadata={
         "help": "side of the square RGB scenes in pixels; the pretrained asset fixes it (16)"})
     pretrained: str = field(default="", metadata={
-        "help": "base model safetensors; empty = the shipped asset ppd_engine/toyworld/assets/toy_base.safetensors"})
+        "help": "base model safetensors; empty = the shipped asset ppd_engine/worlds/toy/assets/toy_base.safetensors"})
     seed: int = field(default=0, metadata={
         "help": "seed of the world: scenes, labels, few-shot subsets, eval seeds"})
     seen_users: list[str] = field(default_factory=_default_seen, metadata={
-        "help": "users whose preference pairs train PPD (names from ppd_engine.toyworld.users.USERS)"})
+        "help": "users whose preference pairs train PPD (names from ppd_engine.worlds.toy.users.USERS)"})
     unseen_users: list[str] = field(default_factory=_default_unseen, metadata={
         "help": "users never trained on; only their 4 few-shot pairs are read, at evaluation"})
     pairs_per_user: int = field(default=512, metadata={
@@ -72,3 +72,30 @@ class ToyConfig:
                 "images and far more robust on a busy machine"})
     report_samples: int = field(default=4, metadata={
         "help": "samples per (user, model) cell shown in report.png"})
+
+    def validate(self) -> None:
+        """Checks of the toy section (ConfigError naming the key); floats are finite already."""
+        from ppd_engine.config.schema import ConfigError
+        from ppd_engine.worlds.toy.users import USERS
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"toy.{key}: {msg}")
+
+        for key in ("image_size", "pairs_per_user", "n_shots", "embeddings_per_user", "eval_samples_per_user",
+                    "sample_steps", "eval_batch", "interpolation_samples", "report_samples"):
+            need(getattr(self, key) >= 1, key, f"{getattr(self, key)} must be >= 1")
+        need(self.threads >= 0, "threads", f"{self.threads} must be >= 0 (0 = torch's default)")
+        need(self.n_shots < self.pairs_per_user, "n_shots",
+             f"{self.n_shots} shots need more than toy.pairs_per_user={self.pairs_per_user} pairs")
+        need(self.label_scale > 0, "label_scale", f"{self.label_scale} must be > 0")
+        need(self.guidance >= 0 and self.user_guidance >= 0, "guidance",
+             f"guidance {self.guidance} and user_guidance {self.user_guidance} must be >= 0")
+        for key in ("seen_users", "unseen_users"):
+            for u in getattr(self, key):
+                need(u in USERS, key, f"{u!r} is not a toy user; known: {', '.join(sorted(USERS))}")
+        need(bool(self.seen_users), "seen_users", "at least one seen user is needed to train")
+        overlap = sorted(set(self.seen_users) & set(self.unseen_users))
+        need(not overlap, "unseen_users", f"{overlap} are also seen users")
+        need(all(0.0 <= lam <= 1.0 for lam in self.interpolation_lambdas), "interpolation_lambdas",
+             f"{self.interpolation_lambdas} must lie in [0, 1]")

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ppd_engine.files import write_json_atomic
-from ppd_engine.toyworld.rewards import weighted_reward
+from ppd_engine.files import save_image_atomic, write_json_atomic
+from ppd_engine.worlds.toy.rewards import weighted_reward
 
 MODELS = ("base", "dpo", "ppd")
 GOALS = (  # (summary key, split, target) — the issue's goals for the default run
@@ -31,16 +31,6 @@ RHO_TARGET = 0.9
 
 
 # -- files --------------------------------------------------------------------------------------
-
-def save_png(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """(3, H, W) float in [0, 1] -> 8-bit RGB PNG at `path` (temp name + rename)."""
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
-
 
 def load_png(path: str | os.PathLike) -> torch.Tensor:
     """8-bit PNG -> (3, H, W) float32 in [0, 1], as a reader of the report would load it."""
@@ -240,7 +230,5 @@ def render_report_png(run_dir: str | os.PathLike, report: dict, per_cell: int = 
                 canvas.paste(_tile(imgs, zoom), (label_w + j * (w * zoom * 2 + gap), y))
             y += cell_h + gap
     path = Path(run_dir) / "report.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image_atomic(canvas, path)
     return path

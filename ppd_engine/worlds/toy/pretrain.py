@@ -1,7 +1,7 @@
 """Pretrain the toy base denoiser on the procedural scene distribution and write the asset.
 
-    python -m ppd_engine.toyworld.pretrain                      # the shipped asset (seeded)
-    python -m ppd_engine.toyworld.pretrain --steps 20 --out /tmp/base.safetensors
+    python -m ppd_engine.worlds.toy.pretrain                      # the shipped asset (seeded)
+    python -m ppd_engine.worlds.toy.pretrain --steps 20 --out /tmp/base.safetensors
 
 Plain epsilon-prediction DDPM training on freshly rendered scenes every step (infinite data),
 captions dropped to "" 10% of the time so classifier-free guidance works, and an exponential
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ppd_engine.toyworld.model import DEFAULT_ASSET, build_components, save_toy_model
-from ppd_engine.toyworld.scenes import make_scenes
+from ppd_engine.files import write_json_atomic
+from ppd_engine.worlds.toy.model import DEFAULT_ASSET, build_components, save_toy_model
+from ppd_engine.worlds.toy.scenes import make_scenes
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -79,7 +80,7 @@ def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 700, batch: in
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     info = {
-        "made_by": "python -m ppd_engine.toyworld.pretrain",
+        "made_by": "python -m ppd_engine.worlds.toy.pretrain",
         "argv": sys.argv[1:],
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "image_size": image_size,
         "caption_dropout": caption_dropout, "ema_decay": ema_decay,
@@ -96,10 +97,7 @@ def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 700, batch: in
     save_toy_model(out, ema, text, info)
     info["sha256"] = sha256_of(out)
     info["file"] = Path(out).name
-    side = Path(str(out) + ".json")
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, side)
+    write_json_atomic(Path(str(out) + ".json"), info, indent=2)
     return info
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors import safe_open
 
-from ppd_engine.toyworld.text import ToyTextEncoder
+from ppd_engine.files import save_safetensors_atomic
+from ppd_engine.worlds.toy.text import ToyTextEncoder
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_ASSET = ASSET_DIR / "toy_base.safetensors"
@@ -70,11 +71,7 @@ def save_toy_model(path: str | os.PathLike, unet: UNet2DConditionModel, text: To
         "scheduler_config": json.dumps(scheduler_config()),
         "info": json.dumps(info or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_safetensors_atomic(tensors, path, metadata=meta)
 
 
 def load_toy_components(path: str | os.PathLike | None = None
@@ -83,7 +80,7 @@ def load_toy_components(path: str | os.PathLike | None = None
     path = Path(path) if path else DEFAULT_ASSET
     if not path.is_file():
         raise FileNotFoundError(f"toy base model not found at {path} "
-                                "(create it with `python -m ppd_engine.toyworld.pretrain`)")
+                                "(create it with `python -m ppd_engine.worlds.toy.pretrain`)")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -126,7 +123,7 @@ def load_toy_model(pretrained=None, dtype: torch.dtype = torch.float32, device: 
     `pretrained`: a path to a file written by `save_toy_model`, a `ToyConfig` (its `pretrained` key,
     checked against its `image_size`), or empty/None for the shipped asset (assets/toy_base.safetensors).
     """
-    from ppd_engine.toyworld.config import ToyConfig
+    from ppd_engine.worlds.toy.config import ToyConfig
 
     size = None
     if isinstance(pretrained, ToyConfig):

@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from ppd_engine.toyworld.scenes import SHAPES
+from ppd_engine.worlds.toy.scenes import SHAPES
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 DEFAULT_VOCAB = SPECIAL + ["a", "an", "the", "on", "of", "with", "background"] + list(SHAPES)

@@ -1,6 +1,6 @@
 """Replicated vs FSDP2-sharded adapters: step time and per-rank adapter memory, 2 gloo ranks on CPU.
 
-    python -m ppd_engine.training.dist_bench [--steps 6] [--user-dim 896] [--num-tokens 16]
+    python -m bench.bench_distributed [--steps 6] [--user-dim 896] [--num-tokens 16]
 
 Runs the real Trainer (tiny random SD1.5-style UNet, adapters widened through the user projection so
 the adapter weights dominate like the real ~10^7-10^8 trained parameters do) once per mode with two

@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ppd_engine.toyworld.dataset import ToyPairDataset, build_world, few_shot_embeddings
-from ppd_engine.toyworld.fewshot import FEATURE_NAMES, FewShotEncoder
-from ppd_engine.toyworld.model import load_toy_model
-from ppd_engine.toyworld.report import (
-    compute_report, format_table, lambda_folder, render_report_png, save_png, write_json)
-from ppd_engine.toyworld.scenes import CAPTIONS
+from ppd_engine.files import save_image_atomic
+from ppd_engine.worlds.toy.dataset import ToyPairDataset, build_world, few_shot_embeddings
+from ppd_engine.worlds.toy.fewshot import FEATURE_NAMES, FewShotEncoder
+from ppd_engine.worlds.toy.model import load_toy_model
+from ppd_engine.worlds.toy.report import (
+    compute_report, format_table, lambda_folder, render_report_png, write_json)
+from ppd_engine.worlds.toy.scenes import CAPTIONS
 
-log = logging.getLogger("ppd_engine.toyworld")
+log = logging.getLogger("ppd_engine.worlds.toy")
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 TRAIN_EMBEDDINGS_FILE = "train_embeddings.safetensors"
@@ -43,6 +44,7 @@ class ToyRunResult:
     ppd: object      # TrainResult of PPD
     dpo: object      # TrainResult of the DPO baseline
     timing: dict
+    lines: list      # the report table and where the files are, for the CLI to print
 
 
 def eval_prompts_and_seeds(n: int, seed: int) -> tuple[list[str], list[int]]:
@@ -85,7 +87,7 @@ def _sample_to(folder_of, model, prompts, embeds, seeds, tc, desc: str) -> None:
                       user_guidance=user_guidance, batch_size=tc.eval_batch, progress=True)
     for i, img in enumerate(tqdm(images, desc=desc, leave=False)):
         folder, index = folder_of(i)
-        save_png(img, folder / f"{index}.png")
+        save_image_atomic(img, folder / f"{index}.png")
 
 
 def evaluate(run_dir: Path, base, dpo, ppd, eval_embeds: dict[str, torch.Tensor], embed_shape, tc,
@@ -120,19 +122,22 @@ def evaluate(run_dir: Path, base, dpo, ppd, eval_embeds: dict[str, torch.Tensor]
                    iseeds * len(lams), tc, "save interpolation")
 
 
-def run_toy(cfg) -> ToyRunResult:
-    """Run the toy world end to end with `cfg` (root Config, world == "toy"); prints the report table."""
-    from ppd_engine.training import Trainer
+def run_toy(cfg, env=None) -> ToyRunResult | None:
+    """Run the toy world end to end with `cfg` (root Config, world == "toy"); prints the report table.
 
+    Under torchrun every rank trains (`env`, a DistEnv; None = a single process) and rank 0 alone
+    writes the stores, samples, evaluates and reports; the other ranks return None."""
+    from ppd_engine.training import Trainer
+    from ppd_engine.training.distributed import DistEnv
+
+    env = env or DistEnv()
     tc = cfg.toy
-    if cfg.model.family != "toy":
-        raise ValueError(f"world=toy needs model.family=toy (got {cfg.model.family!r})")
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     t0 = time.perf_counter()
-    run_dir = Path(cfg.log.run_dir or f"runs/toy-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.log.run_dir = str(run_dir)
+    if not cfg.log.run_dir:
+        raise ValueError("run_toy needs cfg.log.run_dir (the CLI names one)")
+    run_dir = Path(cfg.log.run_dir)
 
     log.info("toy world: %d seen + %d unseen users, %d pairs per seen user", len(tc.seen_users),
              len(tc.unseen_users), tc.pairs_per_user)
@@ -141,11 +146,13 @@ def run_toy(cfg) -> ToyRunResult:
     train_embeds, eval_embeds = few_shot_embeddings(world, encoder, tc)
     users_meta = {n: {"split": d.split, "weights": dict(d.user.weights)} for n, d in world.items()}
     interp_pairs = parse_pairs(list(tc.interpolation_pairs), list(world))
-    _save_store(run_dir / EMBEDDINGS_FILE, eval_embeds, {
-        n: {"split": d.split, "source": f"{tc.n_shots} held-out labelled pairs (toy few-shot encoder)",
-            "features": list(FEATURE_NAMES), "shot_captions": d.shots.captions} for n, d in world.items()})
-    _save_store(run_dir / TRAIN_EMBEDDINGS_FILE, train_embeds, {
-        n: {"source": f"random {tc.n_shots}-subsets of the training pairs"} for n in train_embeds})
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _save_store(run_dir / EMBEDDINGS_FILE, eval_embeds, {
+            n: {"split": d.split, "source": f"{tc.n_shots} held-out labelled pairs (toy few-shot encoder)",
+                "features": list(FEATURE_NAMES), "shot_captions": d.shots.captions} for n, d in world.items()})
+        _save_store(run_dir / TRAIN_EMBEDDINGS_FILE, train_embeds, {
+            n: {"source": f"random {tc.n_shots}-subsets of the training pairs"} for n in train_embeds})
     cfg.data.embeddings = str((run_dir / EMBEDDINGS_FILE).resolve())
 
     base = load_toy_model(tc)
@@ -158,7 +165,7 @@ def run_toy(cfg) -> ToyRunResult:
     t1 = time.perf_counter()
     ppd_model = load_toy_model(tc)
     log.info("training PPD (personalized adapters) -> %s", run_dir)
-    ppd_result = Trainer(cfg, ppd_model, dataset, train_embeds, str(run_dir), personalized=True).fit()
+    ppd_result = Trainer(cfg, ppd_model, dataset, train_embeds, str(run_dir), personalized=True, env=env).fit()
     t_ppd = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -166,8 +173,12 @@ def run_toy(cfg) -> ToyRunResult:
     dpo_cfg = copy.deepcopy(cfg)
     dpo_cfg.log.run_dir = str(run_dir / "dpo")
     log.info("training the non-personalized DPO baseline (same adapters, zero user input) -> %s", run_dir / "dpo")
-    dpo_result = Trainer(dpo_cfg, dpo_model, dataset, train_embeds, str(run_dir / "dpo"), personalized=False).fit()
+    dpo_result = Trainer(dpo_cfg, dpo_model, dataset, train_embeds, str(run_dir / "dpo"), personalized=False,
+                         env=env).fit()
     t_dpo = time.perf_counter() - t2
+    if not env.is_main:
+        # Replicas hold the same adapters; one process samples and writes the report.
+        return None
 
     t3 = time.perf_counter()
     embed_shape = tuple(next(iter(eval_embeds.values())).shape[1:])
@@ -183,10 +194,8 @@ def run_toy(cfg) -> ToyRunResult:
     report["timing"] = timing
     write_json(report, run_dir / "report.json")
     png = render_report_png(run_dir, report, per_cell=tc.report_samples)
-    print()
-    print(format_table(report))
-    print(f"time: {timing['total_s'] / 60:.1f} min (PPD {timing['ppd_train_s']:.0f} s, DPO {timing['dpo_train_s']:.0f} s, "
-          f"eval {timing['eval_s']:.0f} s)")
-    print(f"report: {run_dir / 'report.json'}  picture: {png}")
-    print(f"run folder: {run_dir}")
-    return ToyRunResult(str(run_dir), report, ppd_result, dpo_result, timing)
+    lines = ["", format_table(report),
+             f"time: {timing['total_s'] / 60:.1f} min (PPD {timing['ppd_train_s']:.0f} s, DPO "
+             f"{timing['dpo_train_s']:.0f} s, eval {timing['eval_s']:.0f} s)",
+             f"report: {run_dir / 'report.json'}  picture: {png}", f"run folder: {run_dir}"]
+    return ToyRunResult(str(run_dir), report, ppd_result, dpo_result, timing, lines)

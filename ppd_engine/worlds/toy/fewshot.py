@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ppd_engine.toyworld.rewards import luminance
-from ppd_engine.toyworld.scenes import make_scenes
+from ppd_engine.worlds.toy.rewards import luminance
+from ppd_engine.worlds.toy.scenes import make_scenes
 
 FEATURE_NAMES = ("temperature", "mean_y", "std_y", "chroma")
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ppd_engine.toyworld.config import ToyConfig
-from ppd_engine.toyworld.fewshot import FewShotEncoder
-from ppd_engine.toyworld.scenes import SHAPES, make_scenes
-from ppd_engine.toyworld.users import User, bradley_terry_labels, get_user
+from ppd_engine.worlds.toy.config import ToyConfig
+from ppd_engine.worlds.toy.fewshot import FewShotEncoder
+from ppd_engine.worlds.toy.scenes import SHAPES, make_scenes
+from ppd_engine.worlds.toy.users import User, bradley_terry_labels, get_user
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""The run configuration's schema: a typed dataclass tree, one section per concern.
+
+Every field carries a `help` string in its metadata; `config_help()` (loader.py) turns them into the
+`--help` text, so the documentation cannot drift from the code. The core sections below are
+world-independent and their defaults are the paper's recipe (PPD supplementary B.1 +
+Diffusion-DPO) for SD1.5 on Pick-a-Pic. A world (ppd_engine.worlds) adds its own section with
+`register_section` and its own defaults (a preset that layers under the user's YAML); the core
+never imports a world, so `Config` itself holds only the core sections and `config_class()` builds
+the root class with every registered section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ppd_engine.dtypes import CANONICAL
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is not allowed; the message names the key."""
+
+
+class DTypeName(str):
+    """A dtype spelled through the one dtype table (ppd_engine.dtypes): stored canonical (fp32 |
+    bf16 | fp16), aliases such as bfloat16 accepted on input."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (lists/dicts get a fresh copy per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+_DTYPE_CHOICES = " | ".join(CANONICAL)
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base denoiser (its text encoder(s) and VAE come with it)."""
+
+    family: str = _f("sd15", "model family, one of the registered families (ppd_engine.models.FAMILIES: "
+                             "sd15 | sdxl built in; a world adds its own, e.g. toy)")
+    pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                         "hub id or local diffusers folder of the base pipeline")
+    dtype: DTypeName = _f(
+        "fp32", f"{_DTYPE_CHOICES}: storage dtype of the FROZEN base weights (adapters are always fp32 masters); "
+        "bf16/fp16 need train.mixed_precision=bf16")
+    resolution: int = _f(0, "image side in pixels; 0 = the model's default (512 sd15, 1024 sdxl)")
+
+
+@dataclass
+class DataConfig:
+    """Pick-a-Pic pairs (world=pickapic) and the user-embedding store."""
+
+    folder: str = _f("", "local folder with the Pick-a-Pic v2 parquet files (world=pickapic)")
+    min_pairs_per_user: int = _f(4, "users with fewer labelled pairs are dropped (paper: N = 4)")
+    max_users: int = _f(0, "keep the users with the most pairs; 0 = all")
+    n_shots: int = _f(4, "few-shot pairs per user that build its embedding; held out of its training pairs")
+    unseen_fraction: float = _f(0.1, "fraction of users held out entirely (never trained on)")
+    split_seed: int = _f(0, "seed of the few-shot and seen/unseen splits")
+    embeddings: str = _f("", "EmbeddingStore .safetensors with user_id -> (K, T_in, Du) few-shot embeddings")
+
+
+@dataclass
+class CacheConfig:
+    """On-disk latent + text cache (the VAE and text encoders run once, never in the step)."""
+
+    dir: str = _f("cache", "folder of the latent/text cache (shared between runs; hash-checked)")
+    batch_size: int = _f(8, "images encoded per VAE call while building the cache")
+    flip: bool = _f(True, "also cache horizontally flipped latents; a pair is flipped (both images) with p = 1/2")
+    dtype: DTypeName = _f("fp16", f"{_DTYPE_CHOICES}: storage dtype of cached latents/text states")
+
+
+@dataclass
+class AdaptersConfig:
+    """The added user cross-attention layers (the only trained weights)."""
+
+    user_dim: int = _f(0, "width Du of the user embedding; 0 = read it from the embeddings")
+    num_tokens: int = _f(4, "user tokens the projection makes from one embedding")
+    projection: str = _f("linear", "embedding -> tokens projection: linear | resampler")
+    scale: float = _f(1.0, "scale s of the user attention branch during training")
+    attention: Literal["sdpa", "fused", "auto"] = _f(
+        "sdpa", "user cross-attention kernel: sdpa (two SDPA calls, bit-exact base path) | fused (the "
+        "ppd::dual_cross_attention op) | auto (fused where the op supports the shapes); see bench/RESULTS.md")
+
+
+@dataclass
+class LossConfig:
+    """The preference loss (ppd_engine.losses registry)."""
+
+    name: str | list[str] = _f(
+        "dpo", "preference loss: any name registered in ppd_engine.losses.LOSSES (listed below), or a list "
+               "of names for a weighted mixture (with loss.weights); a user's own loss is registered with "
+               "@register_loss in a module named by --import / imports")
+    weights: list[float] = _f([], "weights of a mixture's terms (one per loss.name entry); empty = all 1")
+    beta: float = _f(5000.0, "beta in the official Diffusion-DPO code's units (beta_dpo; 5000 for SD1.5)")
+    weighting: Literal["uniform", "min_snr"] = _f(
+        "uniform", "per-pair weight w(lambda_t) of the loss: uniform (w = 1, as Diffusion-DPO trains) | "
+        "min_snr (w = min(SNR(t), snr_gamma) / SNR(t), Min-SNR weighting for eps-prediction)")
+    snr_gamma: float = _f(5.0, "gamma of the min_snr weighting")
+    options: dict[str, Any] = _f({}, "the loss's own options, checked against the options it declares (see the "
+                                      "loss list below); set one with loss.options.NAME=value")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seed: int = _f(0, "seed of the data order, timesteps, noise and dropouts")
+    epochs: int = _f(1, "passes over the training pairs (paper: 1); used when max_steps = 0")
+    max_steps: int = _f(0, "optimizer steps to run; 0 = epochs x (pairs // pairs_per_step)")
+    pairs_per_step: int = _f(768, "effective batch in preference pairs over all ranks (paper: 768)")
+    micro_batch: int = _f(8, "pairs per forward/backward on one rank (gradient accumulation fills the rest)")
+    empty_caption_prob: float = _f(0.2, "probability a pair's caption is replaced by the empty caption")
+    user_dropout: float = _f(0.1, "probability a pair's user embedding is zeroed (trains the user-agnostic branch)")
+    grad_clip: float = _f(1.0, "max global gradient L2 norm; 0 = no clipping")
+    mixed_precision: Literal["bf16", "fp32"] = _f(
+        "bf16", "bf16 = bf16 autocast compute with fp32 adapters, loss and reductions; fp32 = no autocast")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    paired_strategy: Literal["sequential", "stacked"] = _f(
+        "sequential", "paired forward: sequential (reference then policy) | stacked (one 4B batch)")
+    max_bad_steps: int = _f(10, "consecutive NaN/Inf steps tolerated before the run stops")
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda | cuda:N")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw8bit", "adamw", "adafactor"] = _f(
+        "adamw8bit", "adamw8bit (bitsandbytes AdamW8bit) | adamw (torch) | adafactor")
+    lr: float = _f(1e-5, "peak learning rate (paper: 1e-5; 3e-6 for the real-user run)")
+    warmup_steps: int = _f(0, "linear warmup length of the constant-with-warmup schedule (optimizer updates)")
+    weight_decay: float = _f(1e-2, "decoupled weight decay")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas (beta1, beta2)")
+    eps: float = _f(1e-8, "Adam epsilon")
+    min_8bit_size: int = _f(4096, "adamw8bit: tensors with fewer elements keep 32-bit state (bitsandbytes default)")
+
+
+@dataclass
+class DistConfig:
+    """Multi-process training (torchrun)."""
+
+    adapters: Literal["shard", "replicate"] = _f(
+        "replicate", "trainable adapters: shard (FSDP2 fully_shard: params, grads and optimizer state "
+        "sharded) | replicate (full copy per rank, gradients all-reduced); see docs/DISTRIBUTED.md")
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto = nccl on GPU, gloo on CPU")
+    timeout_s: int = _f(1800, "collective timeout in seconds")
+
+
+@dataclass
+class LogConfig:
+    """Run folder, metrics, TensorBoard, sample grids."""
+
+    run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>")
+    tensorboard: bool = _f(True, "also write TensorBoard events to RUN/tb when tensorboard is installed")
+    progress: bool = _f(True, "show the tqdm progress bar")
+    sample_every: int = _f(0, "write RUN/samples/step-N.png every this many steps; 0 = never")
+    sample_prompts: list[str] = _f(["a photo of a cat", "a mountain lake at sunrise"],
+                                   "prompts (grid columns) of the sample grid")
+    sample_users: int = _f(3, "users (grid rows, first in sorted order) of the sample grid, plus a zero-embedding row")
+    sample_steps: int = _f(20, "sampler steps of the sample grid")
+    sample_guidance: float = _f(5.0, "text classifier-free guidance of the sample grid")
+    sample_seed: int = _f(0, "seed of the sample grid (same noise every time)")
+
+
+@dataclass
+class CheckpointConfig:
+    """RUN/checkpoints/step-N/ (adapters, optimizer, rng, data cursor, config)."""
+
+    every: int = _f(500, "save every this many steps (and at the end); 0 = only at the end")
+    keep_last: int = _f(3, "checkpoints kept; older ones are deleted")
+    resume: str = _f("", "empty = fresh run; 'latest' = newest checkpoint of log.run_dir; "
+                         "or a path to a run folder or a step-N checkpoint folder")
+
+
+@dataclass
+class Config:
+    """Root of the run configuration."""
+
+    world: str = _f("", "the application that builds model, data and embeddings and runs (ppd_engine.worlds: "
+                        "toy | pickapic); empty = none (library use); the CLI defaults to toy")
+    imports: list[str] = _f([], "Python modules imported before the config is validated (e.g. one that "
+                                "registers a loss with @register_loss); the same as --import")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "base model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "latent cache"})
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig, metadata={"help": "user adapters"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "loss"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer"})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"help": "distributed"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"help": "checkpoints"})
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections added by worlds
+
+SECTIONS: dict[str, type] = {}
+_CLASSES: dict[tuple, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add `cls` (a dataclass) as the root section `name` (e.g. the toy world's `toy:`)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"config section {name!r} must be a dataclass, got {cls!r}")
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section {name!r} would shadow a core key")
+    SECTIONS[name] = cls
+
+
+def config_class() -> type:
+    """The root config class: `Config` plus every registered section (cached per registry state)."""
+    key = tuple(sorted((n, id(c)) for n, c in SECTIONS.items()))
+    if key not in _CLASSES:
+        if not SECTIONS:
+            _CLASSES[key] = Config
+        else:
+            extra = [(n, c, field(default_factory=c, metadata={"help": (c.__doc__ or n).strip().splitlines()[0]}))
+                     for n, c in sorted(SECTIONS.items())]
+            cls = dataclasses.make_dataclass("Config", extra, bases=(Config,))
+            cls.__module__ = __name__
+            cls.__doc__ = Config.__doc__
+            _CLASSES[key] = cls
+    return _CLASSES[key]

@@ -1,0 +1,1 @@
+"""The Pick-a-Pic world: real preference pairs and users on a diffusers base (SD1.5 / SDXL)."""

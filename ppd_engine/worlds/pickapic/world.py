@@ -1,0 +1,68 @@
+"""Pick-a-Pic v2 as a `World`: pairs -> few-shot split (the shots build the embeddings and are held
+out of training) -> seen users' training pairs -> latent cache (rank 0 builds, the others wait) ->
+one Trainer. Evaluation is its own command (`python -m ppd_engine.eval`)."""
+
+from __future__ import annotations
+
+import logging
+
+from ppd_engine.config.schema import ConfigError
+from ppd_engine.world import World, WorldParts, register_world
+
+log = logging.getLogger("ppd_engine.worlds.pickapic")
+
+
+class PickapicWorld(World):
+    name = "pickapic"
+    description = "Pick-a-Pic v2 parquet pairs, VLM user embeddings, a diffusers base (sd15 / sdxl)"
+
+    def validate(self, cfg) -> None:
+        if not cfg.data.folder:
+            raise ConfigError("data.folder: world=pickapic needs the Pick-a-Pic parquet folder")
+        if not cfg.data.embeddings:
+            raise ConfigError("data.embeddings: world=pickapic needs the user-embedding store "
+                              "(python -m ppd_engine.embed writes one)")
+        if cfg.model.family == "toy":
+            raise ConfigError("model.family: toy is the toy world's model; world=pickapic needs a diffusers "
+                              "family (sd15, sdxl; e.g. --config sd15_pickapic)")
+
+    def build(self, cfg, env) -> WorldParts:
+        from ppd_engine.cache import PairCacheDataset, build_cache
+        from ppd_engine.data.pickapic import load_pairs
+        from ppd_engine.embed.store import EmbeddingStore
+        from ppd_engine.models import build_model
+        from ppd_engine.training.distributed import barrier
+
+        d = cfg.data
+        pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
+                           decode_images=False, progress=env.is_main)
+        _, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
+        seen, unseen = pairs.user_split(unseen_fraction=d.unseen_fraction, seed=d.split_seed)
+        seen_set = set(seen)
+        store = EmbeddingStore(d.embeddings)
+        if len(store) == 0:
+            raise ValueError(f"data.embeddings={d.embeddings!r} holds no user embeddings; build them first "
+                             "(python -m ppd_engine.embed)")
+        embeddings = store.as_mapping()
+        missing = sorted({r.user_id for r in train_records if r.user_id in seen_set} - set(embeddings))
+        if missing:
+            log.warning("%d seen user(s) have no embedding in %s and are not trained on (e.g. %s)",
+                        len(missing), d.embeddings, missing[:5])
+        records = [r for r in train_records if r.user_id in seen_set and r.user_id in embeddings]
+        if not records:
+            raise ValueError("no training pairs left after the few-shot/seen-user split and the embedding store")
+        log.info("training pairs: %d from %d seen users (%d unseen users held out)", len(records),
+                 len({r.user_id for r in records}), len(unseen))
+
+        model = build_model(cfg, env.device)
+        if env.is_main:
+            build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
+                        dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=True)
+        barrier(env)
+        dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
+        # The cache holds everything the step needs: free the VAE (text encoders stay for the empty caption).
+        model.vae = None
+        return WorldParts(model, dataset, embeddings, personalized=True)
+
+
+register_world(PickapicWorld())
