@@ -1,7 +1,9 @@
 """Fused Diffusion-DPO loss (`ppd::dpo_loss` + its backward) vs the eager PyTorch formula a training
 script writes instead (`reference.dpo_loss_reference`, the same function the tests take as ground
 truth: upcast to float32, F.mse_loss, mean over non-batch dims, logsigmoid), forward and
-forward+backward, at latent sizes from tiny to SDXL (2B = 32, 4x128x128).
+forward+backward, at latent sizes from tiny to SDXL (2B = 32, 4x128x128). The generic path of the
+loss library (`preference_loss("hinge", ...)`: ppd::paired_mse with float64 MSEs, then the loss on
+(B,) vectors) is timed against the same formula written eagerly, in rows named <size>_hinge_*.
 
 GB/s counts the bytes the op must touch: forward reads model_pred, ref_pred and target once;
 backward reads model_pred and target and writes the gradient. On CUDA the table also gives the
@@ -19,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import markdown_table, measure, row, write_rows
+from ppd_engine.losses import preference_loss
 from ppd_engine.ops import reference
 from ppd_engine.ops.dpo_loss import dpo_loss
 
@@ -38,6 +41,22 @@ def make_inputs(n, latent, dtype, device):
     ref = (target + 0.3 * torch.randn_like(target)).to(dtype)
     weight = torch.rand(n // 2, device=device) + 0.5
     return model, ref, target.to(dtype), weight
+
+
+def eager_hinge(model, ref, target, weight, beta):
+    return reference.preference_loss_reference("hinge", model, ref, target, beta=beta, weight=weight)
+
+
+def ppd_generic_hinge(model, ref, target, weight, beta):
+    return (preference_loss("hinge", model, ref, target, beta=beta, weight=weight).loss,)
+
+
+def compiled(fn):
+    """torch.compile of fn for one case. Dynamo is reset first: with one compiled function reused
+    over every shape and dtype it passes its recompile limit after a few cases and silently runs
+    the remaining ones eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
 
 
 def runner(fn, inputs, backward):
@@ -86,14 +105,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    providers = [("eager", reference.dpo_loss_reference), ("ppd_fused", dpo_loss)]
-    if use_compile:
-        providers.insert(1, ("eager_compiled", torch.compile(reference.dpo_loss_reference, dynamic=False)))
+    families = {"": (reference.dpo_loss_reference, ("ppd_fused", dpo_loss)),
+                "_hinge": (eager_hinge, ("ppd_generic", ppd_generic_hinge))}
 
     sizes = [s for s in SIZES if args.sizes is None or s[0] in args.sizes]
-    cases = [(s, dt, bw) for s in sizes for dt in args.dtypes for bw in (False, True)]
+    cases = [(s, dt, bw, fam) for s in sizes for dt in args.dtypes for bw in (False, True) for fam in families]
     rows = []
-    for (name, n, latent, cpu_runs, quick_runs), dtype_name, backward in tqdm(cases, desc="dpo loss", unit="case"):
+    for (name, n, latent, cpu_runs, quick_runs), dtype_name, backward, fam in tqdm(cases, desc="dpo loss",
+                                                                                    unit="case"):
+        eager_fn, ours = families[fam]
+        providers = [("eager", eager_fn), ours]
+        if use_compile:
+            providers.insert(1, ("eager_compiled", compiled(eager_fn)))
         dtype = getattr(torch, dtype_name)
         runs = args.runs or (100 if device.type == "cuda" else quick_runs if args.quick else cpu_runs)
         torch.manual_seed(0)
@@ -101,7 +124,7 @@ def main(argv=None):
         elems = inputs[0].numel()
         nbytes = (6 if backward else 3) * elems * inputs[0].element_size()
         shape = f"2B{n} {'x'.join(map(str, latent))}"
-        op = f"{name}_{'fwd_bwd' if backward else 'fwd'}"
+        op = f"{name}{fam}_{'fwd_bwd' if backward else 'fwd'}"
         copy_gbs = copy_bandwidth_gbs(nbytes // 2, device, runs) if device.type == "cuda" else None
         for provider, fn in providers:
             t = measure(runner(fn, inputs, backward), device, warmup=2 if device.type == "cpu" else 10, runs=runs)

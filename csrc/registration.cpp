@@ -17,7 +17,8 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ppd, m) {
   // ---- ε-MSE and the Diffusion-DPO loss (csrc/*/dpo_loss.*) ----------------------------------
-  // Per-sample mean over all non-batch dims of (pred - target)^2, fp32 accumulation and output.
+  // Per-sample mean over all non-batch dims of (pred - target)^2: fp32 differences, double sums,
+  // float64 outputs (the preference losses scale differences of these by beta/2).
   // ref_pred may be None (reference-free losses); its output is then an empty (0,) tensor.
   m.def("paired_mse(Tensor model_pred, Tensor? ref_pred, Tensor target) -> (Tensor, Tensor)");
   // d mse_i / d pred = grad_mse[i] * 2 (pred - target) / numel_per_sample, in pred's dtype.

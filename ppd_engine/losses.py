@@ -1,31 +1,52 @@
 """Preference losses for diffusion models, as a library built on the fused ε-MSE / DPO ops.
 
     from ppd_engine.losses import preference_loss
-    out = preference_loss("dpo", model_pred, ref_pred, target, beta=5000.0, weight=None)
-    out.loss, out.implicit_acc, out.inside, out.model_mse, out.ref_mse
+    out = preference_loss("sigmoid", model_pred, ref_pred, target, beta=5000.0, weight=None)
+    out.loss, out.implicit_acc, out.inside, out.model_mse, out.ref_mse, out.rewards_margins
+    mix = preference_loss(["sigmoid", "bco_pair", "sft"], model_pred, ref_pred, target,
+                          loss_weights=[0.8, 0.2, 1.0])              # mix.terms: each term's loss
+    fdpo = preference_loss("sigmoid", model_pred, ref_pred, target, f_divergence="js_divergence")
 
-Paired losses take (2B, ...) predictions, winners first. Let e be the per-sample ε-MSE (mean over
-non-batch dims) and
+Paired losses take (2B, ...) predictions, winners first.
 
-    inside = -0.5 * beta * weight * ((e_model_w - e_ref_w) - (e_model_l - e_ref_l))     (B,)
-    h      = inside / beta
+The mapping to TRL's vocabulary, stated once. Let e be the per-sample ε-MSE (mean over non-batch
+dims) and ω the per-pair weight (default 1). The diffusion log-ratios of a pair are
 
-(reference-free losses called with ref_pred=None use e_ref = 0 in `inside`, so it is then the plain
-policy margin). The per-sample MSEs come from `ppd::paired_mse`, or for "dpo" the whole loss from
-`ppd::dpo_loss`, so the pass over the big tensors is always the compiled kernel; what follows is a
-few ops on (B,) vectors. Every loss is a mean over pairs (kto: over samples).
+    chosen_logratios   = ℓ_w = -½·ω·(e_θ,w - e_ref,w)          rejected_logratios = ℓ_l = -½·ω·(e_θ,l - e_ref,l)
 
-Add a variant with `register_loss`:
+and the policy / reference "log-probabilities" are -½·ω·e_θ and -½·ω·e_ref. Every TRL loss type
+is then TRL's formula (trl 1.16, trl/trainer/dpo_trainer.py, DPOTrainer._compute_loss) on these,
+with `sequence length 1` wherever TRL normalises by completion length (ipo, sigmoid_norm), and
+
+    inside = beta * (ℓ_w - ℓ_l) = -½·beta·ω·((e_θ,w - e_ref,w) - (e_θ,l - e_ref,l))        (B,)
+
+so "sigmoid" (alias "dpo") is Diffusion-DPO exactly. Derivation: Diffusion-DPO (Wallace et al. 2023,
+eq. 14) bounds log p_θ(x_0)/p_ref(x_0) per pair by -T·ω(λ_t)·(||ε-ε_θ||² - ||ε-ε_ref||²) up to
+constants shared by θ and ref; the official code (SalesforceAIResearch/DiffusionDPO) folds T and the
+constant weight into beta_dpo and keeps the 0.5 of the Gaussian log-density, so its logit is
+-½·beta·Δ. A per-pair ω(λ_t) (min-SNR) multiplies both halves of a pair alike. Reference-free losses
+called with ref_pred=None use e_ref = 0.
+
+The per-sample MSEs come from `ppd::paired_mse` in float64 (double sums, never rounded to the input
+dtype), or for plain "sigmoid" the whole loss from `ppd::dpo_loss` (its LossSpec.fused), so the pass
+over the big tensors is always the compiled kernel; what follows is a few float64 ops on (B,)
+vectors. Every loss is a mean over pairs (kto: over samples).
+
+Add a variant with `register_loss`; keyword parameters after the fixed five become its options
+(validated by `validate_loss_options`, listed by `describe_losses`):
 
     @register_loss("margin_dpo")
-    def margin_dpo(model_mse, ref_mse, inside, beta, weight, margin=0.0):
+    def margin_dpo(model_mse, ref_mse, inside, beta, weight, margin: float = 0.0):
         return -F.logsigmoid(inside - margin)          # per-pair loss (B,); the library takes the mean
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Callable
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +59,34 @@ from ppd_engine.ops.dpo_loss import dpo_loss, paired_mse
 class PreferenceOutput:
     """loss: scalar; implicit_acc: scalar, fraction of pairs with inside > 0 (ties count 0.5);
     inside: (B,) (kto: (N,), its per-sample label * beta * (log-ratio - kl)); model_mse, ref_mse:
-    per-sample ε-MSE (2B,) (kto: (N,)); ref_mse is None when no reference was given."""
+    per-sample ε-MSE (2B,) (kto: (N,)); ref_mse is None when no reference was given.
+    TRL's metrics under the mapping (scalars, means over pairs): rewards_chosen = β·ℓ_w,
+    rewards_rejected = β·ℓ_l, rewards_accuracies = fraction with β·ℓ_w > β·ℓ_l (ties 0, as TRL),
+    rewards_margins = β·(ℓ_w - ℓ_l). terms: each term's (unweighted) loss, by loss name."""
 
     loss: Tensor
     implicit_acc: Tensor
     inside: Tensor
     model_mse: Tensor
     ref_mse: Tensor | None
+    rewards_chosen: Tensor | None = None
+    rewards_rejected: Tensor | None = None
+    rewards_accuracies: Tensor | None = None
+    rewards_margins: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LossOption:
+    """One user option of a loss: a keyword parameter of its function. `choices` from a Literal
+    annotation; `nullable` when the default is None (then None is accepted)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple | None = None
+    nullable: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,27 +94,183 @@ class LossSpec:
     """A registered loss. `fn(model_mse, ref_mse, inside, beta, weight, **kw)` returns the per-pair
     (per-sample when unpaired) loss, or a tuple (per-item loss, inside) when it defines its own
     `inside`; the library takes the mean. `needs_ref`: ref_pred is required; `paired`: inputs are
-    (2B, ...) winners-then-losers pairs; `uses_weight`: the loss depends on weight through inside."""
+    (2B, ...) winners-then-losers pairs; `uses_weight`: the loss depends on the per-pair weight.
+    `options`: from fn's signature (see register_loss). `inputs`: extra tensors the loss receives as
+    keyword arguments: "model_pred", "ref_pred", "target" are supplied by preference_loss itself,
+    the others (e.g. "labels") by the caller (the training step builds them with `loss_inputs`).
+    `fused(model_pred, ref_pred, target, weight, beta, **options)`: an optional one-kernel
+    implementation returning (loss, inside, model_mse, ref_mse), or None when these options need
+    the generic path."""
 
     name: str
     fn: Callable[..., Tensor | tuple[Tensor, Tensor]]
     needs_ref: bool = True
     paired: bool = True
     uses_weight: bool = True
+    inputs: tuple[str, ...] = ()
+    fused: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor] | None] | None = None
+    options: dict[str, LossOption] = field(default_factory=dict)
 
 
 LOSSES: dict[str, LossSpec] = {}
+_FIXED = ("model_mse", "ref_mse", "inside", "beta", "weight")
+_LIBRARY_INPUTS = ("model_pred", "ref_pred", "target")
+_OPTION_TYPES = (bool, int, float, str)
 
 
-def register_loss(name: str, *, needs_ref: bool = True, paired: bool = True, uses_weight: bool = True):
-    """Decorator registering `fn` under `name` (see LossSpec for its signature). Re-registering a
-    name replaces it, so a user can override a built-in."""
+def _option_type(annotation: Any, default: Any) -> tuple[type | None, tuple | None]:
+    """(type, choices) of an annotation: float/int/bool/str, Literal[...] of one of them, or X | None."""
+    if isinstance(annotation, str):  # unresolvable string annotation: try the plain names
+        plain = {"float": float, "int": int, "bool": bool, "str": str}
+        parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
+        annotation = plain.get(parts[0]) if len(parts) == 1 else None
+    if annotation in _OPTION_TYPES:
+        return annotation, None
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _option_type(args[0], default)
+        return None, None
+    if annotation is inspect.Parameter.empty and isinstance(default, _OPTION_TYPES):
+        return type(default), None
+    return None, None
+
+
+def _signature_options(fn: Callable, inputs: tuple[str, ...]) -> dict[str, LossOption]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # a locally defined annotation: fall back to the raw strings
+        hints = {}
+    params = list(inspect.signature(fn).parameters.values())
+    options = {}
+    for p in params[len(_FIXED):]:
+        if p.name in inputs or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"register_loss: option {p.name!r} of {fn.__name__} needs a default")
+        typ, choices = _option_type(hints.get(p.name, p.annotation), p.default)
+        if typ is None:
+            raise TypeError(f"register_loss: option {p.name!r} of {fn.__name__} must be float, int, bool or str "
+                            f"(or Literal/None of them), got {p.annotation!r}")
+        options[p.name] = LossOption(p.name, typ, p.default, choices=choices, nullable=p.default is None)
+    return options
+
+
+def register_loss(name: str, *, needs_ref: bool = True, paired: bool = True, uses_weight: bool = True,
+                  inputs: Sequence[str] = (), fused: Callable | None = None):
+    """Decorator registering `fn` under `name` (see LossSpec for its signature). Keyword parameters
+    after (model_mse, ref_mse, inside, beta, weight) are the loss's options, typed by annotation
+    (float/int/bool/str, Literal[...] for choices) or by their default; those named in `inputs` are
+    tensors supplied per batch instead. Re-registering a name replaces it, so a user can override a
+    built-in."""
 
     def deco(fn):
-        LOSSES[name] = LossSpec(name, fn, needs_ref=needs_ref, paired=paired, uses_weight=uses_weight)
+        names = tuple(inspect.signature(fn).parameters)
+        if names[:len(_FIXED)] != _FIXED:
+            raise TypeError(f"register_loss({name!r}): {fn.__name__} must start with parameters {_FIXED}, got {names}")
+        LOSSES[name] = LossSpec(name, fn, needs_ref=needs_ref, paired=paired, uses_weight=uses_weight,
+                                inputs=tuple(inputs), fused=fused, options=_signature_options(fn, tuple(inputs)))
         return fn
 
     return deco
+
+
+# ---- options: validation for the config, text for --help -----------------------------------------
+
+
+def _specs(name: str | Sequence[str]) -> list[LossSpec]:
+    names = [name] if isinstance(name, str) else list(name)
+    if not names:
+        raise ValueError(f"loss.name: empty list; registered: {', '.join(sorted(LOSSES))}")
+    unknown = [n for n in names if n not in LOSSES]
+    if unknown:
+        raise ValueError(f"loss.name: unknown preference loss {unknown[0]!r}; registered: {', '.join(sorted(LOSSES))}")
+    return [LOSSES[n] for n in names]
+
+
+def _convert(opt: LossOption, value: Any, where: str) -> Any:
+    if value is None and opt.nullable:
+        return None
+    typ = opt.type
+    bad = f"{where}: must be {typ.__name__}" + (" or null" if opt.nullable else "") + f", got {value!r}"
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ValueError(bad)
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(bad)
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(bad)
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: must be a finite number, got {value!r}")
+        value = float(value)
+    elif typ is str and not isinstance(value, str):
+        raise ValueError(bad)
+    if opt.choices is not None and value not in opt.choices:
+        raise ValueError(f"{where}: must be one of {', '.join(map(str, opt.choices))}, got {value!r}")
+    return value
+
+
+def validate_loss_options(name: str | Sequence[str], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Check and convert `options` for the loss `name` (or mixture of names): every key must be an
+    option of some term, values of the declared type (finite numbers; ints and bools refuse 0.5).
+    Raises ValueError with one line naming the key; returns the converted options."""
+    specs = _specs(name)
+    label = "+".join(s.name for s in specs)
+    allowed: dict[str, LossOption] = {}
+    for s in specs:
+        for k, o in s.options.items():
+            allowed.setdefault(k, o)
+    out = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise ValueError(f"loss.options.{key}: not an option of {label}; allowed: "
+                             f"{', '.join(sorted(allowed)) or '(none)'}")
+        out[key] = _convert(allowed[key], value, f"loss.options.{key}")
+    return out
+
+
+def describe_losses() -> str:
+    """One line per registered loss: its options with types and defaults (for --help)."""
+    lines = []
+    for name in sorted(LOSSES):
+        s = LOSSES[name]
+        opts = ", ".join(f"{o.name}: {o.type.__name__}"
+                         + (f" in {{{', '.join(map(str, o.choices))}}}" if o.choices else "")
+                         + f" = {o.default!r}" for o in s.options.values())
+        flags = [f for f, on in (("reference-free", not s.needs_ref), ("unpaired", not s.paired),
+                                 ("no weight", not s.uses_weight)) if on]
+        lines.append(f"  {name}" + (f" [{', '.join(flags)}]" if flags else "") + (f": {opts}" if opts else ""))
+    return "preference losses (loss.name, loss.options):\n" + "\n".join(lines)
+
+
+def loss_inputs(names: Sequence[str], batch_size: int, device: torch.device | str) -> dict[str, Tensor]:
+    """The per-batch tensors the losses `names` declare in `inputs`, for a paired batch of
+    `batch_size` pairs (winners first): "labels" = +1 for the B winners, -1 for the B losers. The
+    prediction tensors are supplied by preference_loss itself. Raises ValueError naming an input the
+    engine cannot supply."""
+    out: dict[str, Tensor] = {}
+    for spec in _specs(list(names)):
+        for inp in spec.inputs:
+            if inp in _LIBRARY_INPUTS or inp in out:
+                continue
+            if inp == "labels":
+                ones = torch.ones(batch_size, device=device)
+                out["labels"] = torch.cat([ones, -ones])
+            else:
+                raise ValueError(f"loss {spec.name!r} needs input {inp!r}, which the training step cannot supply "
+                                 f"(it supplies: labels)")
+    return out
+
+
+# ---- the library call ----------------------------------------------------------------------------
 
 
 def implicit_accuracy(inside: Tensor) -> Tensor:
@@ -81,8 +279,28 @@ def implicit_accuracy(inside: Tensor) -> Tensor:
     return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean().float()
 
 
+def _halves(model_mse: Tensor, ref_mse: Tensor | None, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(ℓ_w, ℓ_l, finite) of the mapping; `finite` is False for pairs with a non-finite MSE."""
+    em_w, em_l = model_mse.chunk(2)
+    if ref_mse is None:
+        d_w, d_l, terms = em_w, em_l, em_w + em_l
+    else:
+        er_w, er_l = ref_mse.chunk(2)
+        d_w, d_l, terms = em_w - er_w, em_l - er_l, em_w + er_w + em_l + er_l
+    w = 0.5 if weight is None else 0.5 * weight.detach().to(d_w.dtype)
+    return -w * d_w, -w * d_l, torch.isfinite(terms)
+
+
+def logratios(model_mse: Tensor, ref_mse: Tensor | None, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """TRL's (chosen_logratios, rejected_logratios) (B,) under the mapping; NaN for non-finite pairs
+    (the fused kernel's rule: a NaN/Inf input surfaces as a NaN loss, never a finite one)."""
+    lw, ll, finite = _halves(model_mse, ref_mse, weight)
+    nan = torch.full_like(lw, float("nan"))
+    return torch.where(finite, lw, nan), torch.where(finite, ll, nan)
+
+
 def _pair_inside(model_mse: Tensor, ref_mse: Tensor | None, weight: Tensor | None, beta: float) -> Tensor:
-    # Same rule as the fused kernel: a non-finite MSE in a pair makes its inside NaN.
+    # Formed as one difference of the four MSEs (as the kernel does), then scaled.
     em_w, em_l = model_mse.chunk(2)
     if ref_mse is None:
         diff, terms = em_w - em_l, em_w + em_l
@@ -95,82 +313,302 @@ def _pair_inside(model_mse: Tensor, ref_mse: Tensor | None, weight: Tensor | Non
     return torch.where(torch.isfinite(terms), inside, torch.full_like(inside, float("nan")))
 
 
-def preference_loss(name: str, model_pred: Tensor, ref_pred: Tensor | None, target: Tensor, beta: float = 5000.0,
-                    weight: Tensor | None = None, **kw) -> PreferenceOutput:
-    """Compute the registered loss `name` (see LOSSES) on ε-predictions.
-
-    Args: model_pred, ref_pred, target (2B, ...) winners first (kto: (N, ...) with labels=(N,) in
-    {+1, -1}); ref_pred may be None for reference-free losses (sft, orpo, mapo); weight (B,) per-pair
-    ω(λ_t) for the losses built on inside; beta > 0; **kw the loss's own options.
-    Gradients flow to model_pred only.
-    """
-    spec = LOSSES.get(name)
-    if spec is None:
-        raise KeyError(f"unknown preference loss {name!r}; registered: {sorted(LOSSES)}")
-    if spec.needs_ref and ref_pred is None:
-        raise ValueError(f"preference loss {name!r} needs ref_pred (got None)")
-    if weight is not None and not spec.uses_weight:
-        raise ValueError(f"preference loss {name!r} does not use weight; pass weight=None")
+def _check_call(specs: list[LossSpec], model_pred: Tensor, ref_pred: Tensor | None, weight: Tensor | None,
+                beta: float, loss_weights: Sequence[float] | None, options: Mapping[str, Any]) -> None:
+    label = "+".join(s.name for s in specs)
+    for s in specs:
+        if s.needs_ref and ref_pred is None:
+            raise ValueError(f"preference loss {s.name!r} needs ref_pred (got None)")
+        if weight is not None and not s.uses_weight:
+            raise ValueError(f"preference loss {s.name!r} does not use weight; pass weight=None")
+    if len({s.paired for s in specs}) > 1:
+        raise ValueError(f"preference loss {label}: cannot mix paired and unpaired (kto) losses")
+    if loss_weights is not None and len(loss_weights) not in (0, len(specs)):
+        raise ValueError(f"preference loss {label}: loss_weights has {len(loss_weights)} entries for "
+                         f"{len(specs)} losses")
     if not (isinstance(beta, (int, float)) and beta > 0 and beta != float("inf")):
         raise ValueError(f"preference_loss: beta must be a positive finite number, got {beta!r}")
-    if spec.paired and model_pred.shape[0] % 2:
-        raise ValueError(f"preference loss {name!r}: the first dim must be 2B (B winners, then B losers), "
+    if specs[0].paired and model_pred.shape[0] % 2:
+        raise ValueError(f"preference loss {label!r}: the first dim must be 2B (B winners, then B losers), "
                          f"got shape {tuple(model_pred.shape)}")
     if weight is not None and weight.shape != (model_pred.shape[0] // 2,):
         raise ValueError(f"preference_loss: weight must have shape (B,) = ({model_pred.shape[0] // 2},) for "
                          f"model_pred shape {tuple(model_pred.shape)}, got {tuple(weight.shape)}")
+    accepted = {k for s in specs for k in (*s.options, *s.inputs)}
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"loss.options.{key}: not an option of {label}; allowed: "
+                             f"{', '.join(sorted(accepted)) or '(none)'}")
 
-    if name == "dpo" and LOSSES["dpo"].fn is _dpo and ref_pred is not None:
-        # The whole loss in one kernel; same value as the generic path below.
-        loss, inside, model_mse, ref_mse = dpo_loss(model_pred, ref_pred, target, weight=weight, beta=beta)
-        return PreferenceOutput(loss, implicit_accuracy(inside), inside, model_mse, ref_mse)
 
-    model_mse, ref_mse = paired_mse(model_pred, ref_pred, target)
-    # The per-pair math runs in float64 on (B,) vectors (free next to the kernel): MaPO multiplies
-    # MSE differences by 1000 and DPO by beta/2, so float32 rounding here would dominate the error.
-    out_dtype = model_mse.dtype
+def _own(spec: LossSpec, kw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if k in spec.options or k in spec.inputs}
+
+
+def preference_loss(name: str | Sequence[str], model_pred: Tensor, ref_pred: Tensor | None, target: Tensor,
+                    beta: float = 5000.0, weight: Tensor | None = None,
+                    loss_weights: Sequence[float] | None = None, **options) -> PreferenceOutput:
+    """Compute the registered loss `name` (see LOSSES), or the mixture sum_i loss_weights[i] * loss_i
+    of a list of names (TRL's loss_type list with loss_weights; default weights 1), on ε-predictions.
+
+    Args: model_pred, ref_pred, target (2B, ...) winners first (kto: (N, ...) with labels=(N,) in
+    {+1, -1}); ref_pred may be None for reference-free losses (sft, orpo, mapo); weight (B,) per-pair
+    ω(λ_t); beta > 0; **options the losses' own options (and declared inputs such as labels): an
+    unknown key raises, and each term of a mixture receives only the options it declares.
+    Gradients flow to model_pred only.
+    """
+    specs = _specs(name)
+    _check_call(specs, model_pred, ref_pred, weight, beta, loss_weights, options)
+    lw = list(loss_weights) if loss_weights else [1.0] * len(specs)
+
+    if len(specs) == 1 and specs[0].fused is not None and ref_pred is not None:
+        fused = specs[0].fused(model_pred, ref_pred, target, weight, beta, **_own(specs[0], options))
+        if fused is not None:
+            loss, inside, model_mse, ref_mse = fused
+            loss = loss * lw[0] if loss_weights else loss
+            return _output(specs, loss, {specs[0].name: fused[0]}, inside, model_mse, ref_mse,
+                           model_mse.double(), ref_mse.double(), weight, beta, options)
+
+    lib = {"model_pred": model_pred, "ref_pred": ref_pred, "target": target}
+    model_mse, ref_mse = paired_mse(model_pred, ref_pred, target)  # float64 (see paired_mse)
     mm64 = model_mse.double()
     rm64 = None if ref_mse is None else ref_mse.double()
-    inside = _pair_inside(mm64, rm64, weight, beta) if spec.paired else None
-    result = spec.fn(mm64, rm64, inside, beta, weight, **kw)
-    per_item, inside = result if isinstance(result, tuple) else (result, inside)
-    return PreferenceOutput(per_item.mean().to(out_dtype), implicit_accuracy(inside), inside.to(out_dtype),
-                            model_mse, ref_mse)
+    base_inside = _pair_inside(mm64, rm64, weight, beta) if specs[0].paired else None
+    total, terms, inside = None, {}, None
+    for spec, w_i in zip(specs, lw):
+        kw = _own(spec, options)
+        kw.update({k: lib[k] for k in spec.inputs if k in _LIBRARY_INPUTS})
+        result = spec.fn(mm64, rm64, base_inside, beta, weight, **kw)
+        per_item, term_inside = result if isinstance(result, tuple) else (result, base_inside)
+        term = per_item.mean()
+        terms[spec.name] = term.to(torch.float32)
+        total = term * w_i if total is None else total + term * w_i
+        inside = term_inside if inside is None else inside
+    return _output(specs, total.to(torch.float32), terms, inside.to(torch.float32), model_mse.float(),
+                   None if ref_mse is None else ref_mse.float(), mm64, rm64, weight, beta, options)
 
 
-# ---- the built-in losses; formulas of issue 2 / the official repositories -------------------------
+def _output(specs, loss, terms, inside, model_mse, ref_mse, mm64, rm64, weight, beta, options) -> PreferenceOutput:
+    if specs[0].paired:
+        lw_, ll_ = logratios(mm64, rm64, weight)
+        chosen, rejected = beta * lw_, beta * ll_
+    else:  # kto: winners are the desirable samples, rewards beta * (e_ref - e_model) / 2 per sample
+        labels = options["labels"].to(mm64.device)
+        g = -0.5 * (mm64 - (rm64 if rm64 is not None else 0.0)) * beta
+        pos, neg = (labels > 0).double(), (labels < 0).double()
+        chosen = (g * pos).sum() / pos.sum().clamp(min=1) * torch.ones_like(g[:1])
+        rejected = (g * neg).sum() / neg.sum().clamp(min=1) * torch.ones_like(g[:1])
+        lw_ = ll_ = None
+    f32 = torch.float32
+    if specs[0].paired:
+        acc = (chosen > rejected).to(f32).mean()
+    else:
+        acc = ((labels.to(mm64.dtype) * g) > 0).to(f32).mean()
+    return PreferenceOutput(loss, implicit_accuracy(inside), inside, model_mse, ref_mse,
+                            rewards_chosen=chosen.detach().mean().to(f32),
+                            rewards_rejected=rejected.detach().mean().to(f32),
+                            rewards_accuracies=acc.detach(),
+                            rewards_margins=(chosen - rejected).detach().mean().to(f32),
+                            terms={k: v.detach().to(f32) for k, v in terms.items()})
 
 
-@register_loss("dpo")
-def _dpo(model_mse, ref_mse, inside, beta, weight):
-    """Diffusion-DPO (Wallace et al. 2023): -logsigmoid(beta * h)."""
-    return -F.logsigmoid(inside)
+# ---- the built-in losses: TRL's pairwise loss types (trl 1.16) under the mapping ------------------
+
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
-@register_loss("hinge")
-def _hinge(model_mse, ref_mse, inside, beta, weight):
-    """SLiC-style hinge: relu(1 - beta * h)."""
-    return torch.relu(1 - inside)
+def _scores(model_mse, ref_mse, weight, f_divergence: str, f_alpha: float) -> tuple[Tensor, Tensor]:
+    """TRL's chosen/rejected scores: f'(exp ℓ) of the log-ratios for the f-divergence (f-DPO,
+    Wang et al. 2023); reverse_kl gives the log-ratios themselves. alpha_divergence clamps its
+    exponent at 80 as TRL does for float32, and falls back to reverse_kl when |f_alpha - 1| < 1e-6."""
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    if f_divergence == "reverse_kl" or (f_divergence == "alpha_divergence" and abs(f_alpha - 1.0) < 1e-6):
+        return lw, ll
+    if f_divergence == "forward_kl":
+        return -torch.expm1(-lw), -torch.expm1(-ll)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(lw), math.log(2) + F.logsigmoid(ll)
+    if f_divergence == "alpha_divergence":
+        a = f_alpha - 1.0
+        return torch.expm1(torch.clamp(a * lw, max=80.0)) / a, torch.expm1(torch.clamp(a * ll, max=80.0)) / a
+    raise ValueError(f"f_divergence must be one of {typing.get_args(FDivergence)}, got {f_divergence!r}")
 
 
-@register_loss("ipo")
-def _ipo(model_mse, ref_mse, inside, beta, weight):
-    """IPO (Azar et al. 2023): (h - 1 / (2 beta))^2."""
-    return (inside / beta - 1 / (2 * beta)) ** 2
+def _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha) -> Tensor:
+    """beta * (chosen_score - rejected_score): `inside` itself for reverse_kl (one difference of the
+    four MSEs, the most accurate form), the f-divergence's scores otherwise."""
+    if f_divergence == "reverse_kl":
+        return inside
+    cw, cl = _scores(model_mse, ref_mse, weight, f_divergence, f_alpha)
+    return beta * (cw - cl)
+
+
+def _check_smoothing(name: str, eps: float, hi: float = 0.5, lo_open: bool = False) -> None:
+    if not (0.0 < eps if lo_open else 0.0 <= eps) or not eps < hi:
+        raise ValueError(f"{name}: label_smoothing must be in {'(' if lo_open else '['}0, {hi}), got {eps}")
+
+
+def _fused_sigmoid(model_pred, ref_pred, target, weight, beta, label_smoothing: float = 0.0,
+                   f_divergence: str = "reverse_kl", f_alpha: float = 0.5):
+    # Plain Diffusion-DPO is one kernel (the same value as the generic path); other options are not.
+    if label_smoothing != 0.0 or f_divergence != "reverse_kl":
+        return None
+    return dpo_loss(model_pred, ref_pred, target, weight=weight, beta=beta)
+
+
+def _sigmoid(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.0,
+             f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `sigmoid` = Diffusion-DPO: -logsigmoid(beta * delta). label_smoothing > 0 gives
+    conservative DPO (cdpo); trl 1.16's sigmoid has no smoothing, the default 0 is that."""
+    _check_smoothing("sigmoid", label_smoothing)
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    return -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x), x
+
+
+register_loss("sigmoid", fused=_fused_sigmoid)(_sigmoid)
+register_loss("dpo", fused=_fused_sigmoid)(_sigmoid)  # the Diffusion-DPO name, an alias
+
+
+@register_loss("sigmoid_norm")
+def _sigmoid_norm(model_mse, ref_mse, inside, beta, weight, f_divergence: FDivergence = "reverse_kl",
+                  f_alpha: float = 0.5):
+    """TRL `sigmoid_norm` with sequence length 1 (an image is one 'token'): the sigmoid loss."""
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    return -F.logsigmoid(x), x
+
+
+@register_loss("cdpo")
+def _cdpo(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.1,
+          f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """Conservative DPO (Mitchell 2023; before 0.4 of this engine, `robust`):
+    -(1-eps) logsigmoid(beta delta) - eps logsigmoid(-beta delta)."""
+    return _sigmoid(model_mse, ref_mse, inside, beta, weight, label_smoothing, f_divergence, f_alpha)
 
 
 @register_loss("robust")
-def _robust(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.1):
-    """Conservative DPO with label smoothing eps: -(1-eps) logsigmoid(beta h) - eps logsigmoid(-beta h)."""
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust: label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    return -(1 - label_smoothing) * F.logsigmoid(inside) - label_smoothing * F.logsigmoid(-inside)
+def _robust(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.0,
+            f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `robust`, the unbiased robust-DPO estimator (Chowdhury et al. 2024):
+    [-(1-eps) logsigmoid(beta delta) + eps logsigmoid(-beta delta)] / (1 - 2 eps)."""
+    _check_smoothing("robust", label_smoothing)
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps), x
 
 
-@register_loss("sft", needs_ref=False, uses_weight=False)
+@register_loss("hinge")
+def _hinge(model_mse, ref_mse, inside, beta, weight, f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `hinge` (SLiC): relu(1 - beta * delta)."""
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    return torch.relu(1 - x), x
+
+
+@register_loss("ipo")
+def _ipo(model_mse, ref_mse, inside, beta, weight, f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `ipo` with sequence length 1: (delta - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17)."""
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    return (x / beta - 1 / (2 * beta)) ** 2, x
+
+
+@register_loss("exo_pair")
+def _exo_pair(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 1e-3,
+              f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `exo_pair` (EXO, Ji et al. 2024, eq. 16): KL(q || p) over {chosen, rejected} with
+    q = softmax of beta * scores and p = (1 - eps, eps). TRL refuses eps = 0 and recommends 1e-3,
+    which is the default here (TRL's label_smoothing default 0 would be refused)."""
+    _check_smoothing("exo_pair", label_smoothing, hi=1.0, lo_open=True)
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    eps = label_smoothing
+    return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+            + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps))), x
+
+
+@register_loss("discopop")
+def _discopop(model_mse, ref_mse, inside, beta, weight, discopop_tau: float = 0.05,
+              f_divergence: FDivergence = "reverse_kl", f_alpha: float = 0.5):
+    """TRL `discopop` (DiscoPOP, Chris Lu et al. 2024, eq. 5): with z = beta * delta and
+    m = sigmoid(z / tau), (1 - m) * -logsigmoid(z) + m * exp(-z)."""
+    if not discopop_tau > 0:
+        raise ValueError(f"discopop: discopop_tau must be > 0, got {discopop_tau}")
+    x = _delta_inside(model_mse, ref_mse, inside, beta, weight, f_divergence, f_alpha)
+    m = torch.sigmoid(x / discopop_tau)
+    return -F.logsigmoid(x) * (1 - m) + torch.exp(-x) * m, x
+
+
+@register_loss("nca_pair")
+def _nca_pair(model_mse, ref_mse, inside, beta, weight):
+    """TRL `nca_pair` (NCA, Chen et al. 2024): -logsigmoid(r_w) - ½ logsigmoid(-r_w) - ½ logsigmoid(-r_l),
+    r = beta * logratio."""
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    rw, rl = beta * lw, beta * ll
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+
+
+@register_loss("bco_pair")
+def _bco_pair(model_mse, ref_mse, inside, beta, weight):
+    """TRL `bco_pair`: -logsigmoid(beta ℓ_w) - logsigmoid(-beta ℓ_l)."""
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    return -F.logsigmoid(beta * lw) - F.logsigmoid(-beta * ll)
+
+
+@register_loss("sppo_hard")
+def _sppo_hard(model_mse, ref_mse, inside, beta, weight):
+    """TRL `sppo_hard` (SPPO with hard probabilities): (ℓ_w - 1/(2 beta))^2 + (ℓ_l + 1/(2 beta))^2."""
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    return (lw - 0.5 / beta) ** 2 + (ll + 0.5 / beta) ** 2
+
+
+def _smoothed_sigmoid(x, eps):
+    return -F.logsigmoid(x) * (1 - eps) - F.logsigmoid(-x) * eps
+
+
+@register_loss("aot")
+def _aot(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.0):
+    """TRL `aot` (AOT, Melnyk et al. 2024): the batch's policy log-odds (log p_w - log p_l) and
+    reference log-odds are each sorted, and the label-smoothed sigmoid loss is applied to
+    beta * (sorted policy - sorted reference). Policy log-probabilities are -½ω e_θ (mapping)."""
+    _check_smoothing("aot", label_smoothing)
+    w = 0.5 if weight is None else 0.5 * weight.detach().to(model_mse.dtype)
+    em_w, em_l = model_mse.chunk(2)
+    pol = -w * (em_w - em_l)
+    ref = torch.zeros_like(pol) if ref_mse is None else -w * (ref_mse.chunk(2)[0] - ref_mse.chunk(2)[1])
+    delta = torch.sort(pol, dim=0).values - torch.sort(ref, dim=0).values
+    return _smoothed_sigmoid(beta * delta, label_smoothing)
+
+
+@register_loss("aot_unpaired")
+def _aot_unpaired(model_mse, ref_mse, inside, beta, weight, label_smoothing: float = 0.0):
+    """TRL `aot_unpaired`: sorted ℓ_w minus sorted ℓ_l, then the label-smoothed sigmoid loss."""
+    _check_smoothing("aot_unpaired", label_smoothing)
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    delta = torch.sort(lw, dim=0).values - torch.sort(ll, dim=0).values
+    return _smoothed_sigmoid(beta * delta, label_smoothing)
+
+
+@register_loss("apo_zero")
+def _apo_zero(model_mse, ref_mse, inside, beta, weight):
+    """TRL `apo_zero` (APO, D'Oosterlinck et al. 2024, eq. 7): 1 - sigmoid(beta ℓ_w) + sigmoid(beta ℓ_l)."""
+    lw, ll = logratios(model_mse, ref_mse, weight)
+    return 1 - torch.sigmoid(beta * lw) + torch.sigmoid(beta * ll)
+
+
+@register_loss("apo_down")
+def _apo_down(model_mse, ref_mse, inside, beta, weight):
+    """TRL `apo_down` (APO eq. 8): sigmoid(beta ℓ_w) + 1 - sigmoid(beta (ℓ_w - ℓ_l))."""
+    lw, _ = logratios(model_mse, ref_mse, weight)
+    return torch.sigmoid(beta * lw) + 1 - torch.sigmoid(inside)
+
+
+@register_loss("sft", needs_ref=False)
 def _sft(model_mse, ref_mse, inside, beta, weight):
-    """Supervised fine-tuning on the winners: mean ε-MSE of rows [0, B)."""
-    return model_mse.chunk(2)[0]
+    """Supervised fine-tuning on the winners: ω·e_θ,w, the standard (min-SNR-weighted when ω is)
+    diffusion loss. Under the mapping TRL's `sft` (-mean log p of the chosen) is ½·ω·e_θ,w, half of
+    this; a loss weight of 0.5 reproduces TRL's scale exactly."""
+    em_w = model_mse.chunk(2)[0]
+    return em_w if weight is None else em_w * weight.detach().to(em_w.dtype)
+
+
+# ---- losses from the diffusion literature --------------------------------------------------------
 
 
 @register_loss("orpo", needs_ref=False, uses_weight=False)
@@ -208,16 +646,16 @@ def _mapo(model_mse, ref_mse, inside, beta, weight, beta_mapo: float = 0.1, snr_
     return em_w - beta_mapo * F.logsigmoid(log_odds * num_train_timesteps)
 
 
-@register_loss("kto", paired=False, uses_weight=False)
+@register_loss("kto", paired=False, uses_weight=False, inputs=("labels",))
 def _kto(model_mse, ref_mse, inside, beta, weight, labels: Tensor | None = None, lambda_d: float = 1.0,
-         lambda_u: float = 1.0, kl: Tensor | float | None = None):
+         lambda_u: float = 1.0, kl: float | None = None):
     """Diffusion-KTO (Li et al. 2024), after jacklishufan/diffusion-kto train_kto_sd_v1.5.py with its
     default `sigmoid` value function: unpaired samples (N, ...) with labels (N,) in {+1, -1};
     g = e_ref - e_model (log-likelihood ratio, log p ≈ -MSE), z = label * beta * (g - kl),
     loss = mean(lambda_y * (1 - sigmoid(z))), lambda_y = lambda_d for desirable, lambda_u otherwise.
     kl defaults to the batch mean of g, detached and clamped at 0 (the script all-reduces it across
-    processes first; pass `kl=` to supply that value). `beta` is the script's `beta_dpo`. Returns z as
-    `inside`, so implicit_acc is the script's `acc`."""
+    processes first; pass `kl=` (a float or 0-dim tensor) to supply that value). `beta` is the
+    script's `beta_dpo`. Returns z as `inside`, so implicit_acc is the script's `acc`."""
     if labels is None:
         raise ValueError("kto needs labels=(N,) with +1 (desirable) / -1 (undesirable)")
     if labels.shape != model_mse.shape:
@@ -233,63 +671,34 @@ def _kto(model_mse, ref_mse, inside, beta, weight, labels: Tensor | None = None,
     return lam * (1 - torch.sigmoid(z)), z
 
 
-# ---- options a loss declares (read from its signature) -------------------------------------------
-
-_FIXED = ("model_mse", "ref_mse", "inside", "beta", "weight")
-_INPUTS = {"labels"}  # supplied by the training step, not by the user
-
-
-def loss_options(name: str) -> dict[str, inspect.Parameter]:
-    """The user options of loss `name`: its keyword parameters after the fixed five."""
-    sig = inspect.signature(LOSSES[name].fn)
-    return {n: p for n, p in sig.parameters.items() if n not in _FIXED and n not in _INPUTS
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-def _option_type(p: inspect.Parameter):
-    ann = p.annotation
-    if isinstance(ann, str):
-        ann = {"float": float, "int": int, "bool": bool, "str": str}.get(ann, None)
-    if ann in (float, int, bool, str):
-        return ann
-    return type(p.default) if p.default is not inspect.Parameter.empty and p.default is not None else None
+@register_loss("dspo", inputs=("model_pred", "ref_pred", "target"))
+def _dspo(model_mse, ref_mse, inside, beta, weight, model_pred: Tensor | None = None,
+          ref_pred: Tensor | None = None, target: Tensor | None = None):
+    """DSPO, Direct Score Preference Optimization (Zhu et al., ICLR 2025), its SD1.5 score-matching
+    form after huaishengzhu/DSPO train.py (commit 20867cf): per winner, the mean over elements of
+    ((ε_θ,w - ε) - beta * (1 - sigmoid(inside)) * (ε_θ,w - ε_ref,w))^2, with inside the DPO logit.
+    It needs the predictions themselves, not only their MSEs, so it declares them as inputs; the
+    gradient also flows through sigmoid(inside), as in the script (only ε_ref is detached). The
+    script's SDXL branch (a data-dependent switch of form) is not reproduced."""
+    b = model_mse.shape[0] // 2
+    cd = torch.float32 if model_pred.dtype != torch.float64 else torch.float64
+    mw = model_pred[:b].to(cd)
+    rw = ref_pred[:b].detach().to(cd)
+    tw = target[:b].detach().to(cd)
+    coef = (beta * (1 - torch.sigmoid(inside))).to(cd).reshape(b, *([1] * (mw.dim() - 1)))
+    err = (mw - tw) - coef * (mw - rw)
+    return err.pow(2).reshape(b, -1).mean(dim=1).to(model_mse.dtype)
 
 
-def validate_loss_options(name, options) -> dict:
-    """Check `options` against what the loss(es) declare; returns them converted, or raises
-    ValueError naming the option and the allowed ones."""
-    import math
+@register_loss("npo")
+def _npo(model_mse, ref_mse, inside, beta, weight,
+         base: Literal["sigmoid", "hinge", "ipo", "bco_pair", "nca_pair", "apo_zero", "sppo_hard"] = "sigmoid"):
+    """Diffusion-NPO (Wang et al., ICLR 2025): negative preference optimization trains a model that
+    PREFERS the losers (for the negative branch of classifier-free guidance) by running a preference
+    loss (`base`, default sigmoid = Diffusion-DPO) on swapped pairs."""
+    def swap(x):
+        return None if x is None else torch.cat(x.chunk(2)[::-1])
 
-    names = [name] if isinstance(name, str) else list(name)
-    declared: dict[str, inspect.Parameter] = {}
-    for n in names:
-        if n not in LOSSES:
-            raise ValueError(f"loss.name: {n!r} is not registered; registered: {', '.join(sorted(LOSSES))}")
-        declared.update(loss_options(n))
-    out = {}
-    for key, value in dict(options).items():
-        if key not in declared:
-            raise ValueError(f"loss.options.{key}: not an option of {'/'.join(names)}; allowed: "
-                             f"{', '.join(sorted(declared)) or 'none'}")
-        tp = _option_type(declared[key])
-        if tp is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"loss.options.{key}: {value!r} is not a finite number")
-            value = float(value)
-        elif tp is int:
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-                raise ValueError(f"loss.options.{key}: {value!r} is not an integer")
-            value = int(value)
-        elif tp is bool and not isinstance(value, bool):
-            raise ValueError(f"loss.options.{key}: {value!r} is not true/false")
-        out[key] = value
-    return out
-
-
-def describe_losses() -> str:
-    """One line per registered loss with its options and defaults (for --help)."""
-    lines = []
-    for n in sorted(LOSSES):
-        opts = ", ".join(f"{k}={p.default!r}" for k, p in loss_options(n).items())
-        lines.append(f"  {n:<10} {opts}")
-    return "\n".join(lines)
+    sm, sr = swap(model_mse), swap(ref_mse)
+    result = LOSSES[base].fn(sm, sr, -inside, beta, weight)
+    return result if isinstance(result, tuple) else (result, -inside)

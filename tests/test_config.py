@@ -81,7 +81,7 @@ def test_one_mapping_entry_override():
     ("dist.adapters=shard", "optim.name: adafactor factors its second moment"),
     ("toy.seed=abc", "toy.seed: 'abc' is not a valid int"),
     ("world=moon", "world: 'moon' is not a registered world; choose one of: pickapic, toy"),
-    ("loss.options.label_smoothng=0.1", "loss.options.label_smoothng: not an option of robust; allowed: label_smoothing"),
+    ("loss.options.label_smoothng=0.1", "loss.options.label_smoothng: not an option of robust; allowed: f_alpha, f_divergence, label_smoothing"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     extra = {"model.dtype=bf16": ["train.mixed_precision=fp32"],

@@ -92,6 +92,12 @@ def test_paired_mse_matches_reference(device, dtype):
     assert_close_to_ref(model_mse, eager_model, e_model.detach(), "model_mse")
     assert_close_to_ref(ref_mse, eager_ref, e_ref, "ref_mse")
     assert_close_to_ref(m.grad, m_eager.grad, m64.grad, "grad")
+    # Unrounded float64 MSEs (the losses scale their differences by beta/2): only double rounding
+    # remains, far below one float32 ulp.
+    assert model_mse.dtype == ref_mse.dtype == torch.float64
+    for got, exact in ((model_mse, e_model), (ref_mse, e_ref)):
+        rel = ((got.detach() - exact.detach()).abs() / exact.detach()).max().item()
+        assert rel <= 1e-12, f"relative error {rel:.2e} of the float64 MSEs"
 
     only_model, none_ref = paired_mse(model, None, target)
     assert none_ref is None
@@ -232,6 +238,16 @@ def test_fallback_without_kernel_matches(monkeypatch):
     for a, b in zip(fused, fallback):
         # Both compute in float32 (the kernel sums in double), so allow float32-level differences.
         torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_paired_mse_fallback_keeps_float64(monkeypatch):
+    model, ref, target = make_inputs(3, (4, 7, 9), torch.float32, "cpu")
+    monkeypatch.setattr(dpo_mod, "_HAS_KERNEL", {})
+    model_mse, ref_mse = paired_mse(model, ref, target)
+    exact = R.paired_mse_reference(model.double(), ref.double(), target.double())
+    assert model_mse.dtype == torch.float64
+    torch.testing.assert_close(model_mse, exact[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(ref_mse, exact[1], rtol=1e-12, atol=0)
 
 
 def test_float64_uses_reference_path():

@@ -33,8 +33,8 @@ int64_t grain_items(int64_t d) {
   return std::max<int64_t>(1, (kMinPerThread + per_item - 1) / per_item);
 }
 
-// Sum of (a - t)^2 and, when HAS_REF, (b - t)^2 over n contiguous elements. The difference is taken
-// in fp32 (exact for bf16/fp16 inputs), squared and summed in double lanes: the DPO logit multiplies
+// Sum of (a - t)^2 and, when HAS_REF, (b - t)^2 over n contiguous elements (see sq_diff), squared and
+// summed in double lanes: the DPO logit multiplies
 // MSE differences by beta/2 (2500 for SD1.5), so an fp32 running sum's error would show in the loss.
 // Independent lanes let the compiler vectorise without reassociating one sum.
 template <typename T, bool HAS_REF>
@@ -45,23 +45,13 @@ template <typename T, bool HAS_REF>
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float tv = static_cast<float>(t[j + l]);
-      const double da = static_cast<float>(a[j + l]) - tv;
-      acc_a[l] += da * da;
-      if constexpr (HAS_REF) {
-        const double db = static_cast<float>(b[j + l]) - tv;
-        acc_b[l] += db * db;
-      }
+      acc_a[l] += sq_diff(a[j + l], t[j + l]);
+      if constexpr (HAS_REF) acc_b[l] += sq_diff(b[j + l], t[j + l]);
     }
   }
   for (; j < n; ++j) {
-    const float tv = static_cast<float>(t[j]);
-    const double da = static_cast<float>(a[j]) - tv;
-    acc_a[j % kLanes] += da * da;
-    if constexpr (HAS_REF) {
-      const double db = static_cast<float>(b[j]) - tv;
-      acc_b[j % kLanes] += db * db;
-    }
+    acc_a[j % kLanes] += sq_diff(a[j], t[j]);
+    if constexpr (HAS_REF) acc_b[j % kLanes] += sq_diff(b[j], t[j]);
   }
   double sa = 0.0, sb = 0.0;
   for (int l = 0; l < kLanes; ++l) {
@@ -180,14 +170,16 @@ std::tuple<at::Tensor, at::Tensor> paired_mse_cpu(const at::Tensor& model_pred,
       row_sumsq<T, false>(m.const_data_ptr<T>(), nullptr, t.const_data_ptr<T>(), dims.n, dims.d, sm, sr);
     }
   });
-  const auto f32 = model_pred.options().dtype(at::kFloat);
-  at::Tensor model_mse = at::empty({dims.n}, f32);
-  at::Tensor ref_mse = at::empty({has_ref ? dims.n : 0}, f32);
-  float* pm = model_mse.data_ptr<float>();
-  float* pr = ref_mse.data_ptr<float>();
+  // float64 outputs: the losses take differences of these MSEs and scale them by beta/2, so rounding them
+  // to float32 here would dominate the error of every loss built on paired_mse.
+  const auto f64 = model_pred.options().dtype(at::kDouble);
+  at::Tensor model_mse = at::empty({dims.n}, f64);
+  at::Tensor ref_mse = at::empty({has_ref ? dims.n : 0}, f64);
+  double* pm = model_mse.data_ptr<double>();
+  double* pr = ref_mse.data_ptr<double>();
   for (int64_t i = 0; i < dims.n; ++i) {
-    pm[i] = static_cast<float>(sm[i] / static_cast<double>(dims.d));
-    if (has_ref) pr[i] = static_cast<float>(sr[i] / static_cast<double>(dims.d));
+    pm[i] = sm[i] / static_cast<double>(dims.d);
+    if (has_ref) pr[i] = sr[i] / static_cast<double>(dims.d);
   }
   return {model_mse, ref_mse};
 }

@@ -2,10 +2,11 @@
 //
 // Forward, two stages (deterministic: no float atomics):
 //   1. sumsq_kernel, grid (chunks, rows): each block reads one chunk of a row of model_pred, ref_pred
-//      and target once with 16-byte vector loads, squares the fp32 differences, sums them per thread
-//      in double and reduces the block (warp shuffles) into one double partial per (row, chunk).
-//   2. finalize_kernel, one block: adds each row's partials in chunk order, writes the fp32 MSEs and,
-//      for DPO, `inside` and the mean softplus loss.
+//      and target once with 16-byte vector loads, squares the differences in double (sq_diff), sums
+//      them per thread in double and reduces the block (warp shuffles) into one double partial per (row, chunk).
+//   2. finalize_kernel, one block: adds each row's partials in chunk order, writes the MSEs (float64 for
+//      paired_mse, so the losses built on them get the full sums; fp32 for DPO) and, for DPO, `inside`
+//      and the mean softplus loss.
 // Backward: scaled_diff_kernel, grid (chunks, rows), one elementwise pass; every thread derives its
 // row's coefficient from `inside` (a few cached loads) so no extra launch is needed.
 // Double accumulation: the DPO logit multiplies MSE differences by beta/2 (2500 for SD1.5); per-thread
@@ -63,15 +64,13 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const T* __restrict__ m
     const Vec<T, VEC> mv = *reinterpret_cast<const Vec<T, VEC>*>(m + base + j);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const float da = static_cast<float>(mv.v[k]) - static_cast<float>(tv.v[k]);
-      sa += static_cast<double>(da * da);
+      sa += sq_diff(mv.v[k], tv.v[k]);
     }
     if constexpr (HAS_REF) {
       const Vec<T, VEC> rv = *reinterpret_cast<const Vec<T, VEC>*>(r + base + j);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const float db = static_cast<float>(rv.v[k]) - static_cast<float>(tv.v[k]);
-        sb += static_cast<double>(db * db);
+        sb += sq_diff(rv.v[k], tv.v[k]);
       }
     }
   }
@@ -93,16 +92,16 @@ __device__ inline double row_total(const double* partial, int64_t row, int64_t c
 }
 
 // One block. Plain MSE: every row. DPO: every pair, plus the loss.
-template <bool DPO, bool HAS_REF>
+template <bool DPO, bool HAS_REF, typename MseT>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const double* __restrict__ partial, int64_t n,
                                                             int64_t chunks, double inv_d,
                                                             const float* __restrict__ weight, double beta,
-                                                            float* __restrict__ model_mse, float* __restrict__ ref_mse,
+                                                            MseT* __restrict__ model_mse, MseT* __restrict__ ref_mse,
                                                             float* __restrict__ inside, float* __restrict__ loss) {
   if constexpr (!DPO) {
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      model_mse[i] = static_cast<float>(row_total(partial, i, chunks, 0) * inv_d);
-      if constexpr (HAS_REF) ref_mse[i] = static_cast<float>(row_total(partial, i, chunks, 1) * inv_d);
+      model_mse[i] = static_cast<MseT>(row_total(partial, i, chunks, 0) * inv_d);
+      if constexpr (HAS_REF) ref_mse[i] = static_cast<MseT>(row_total(partial, i, chunks, 1) * inv_d);
     }
   } else {
     const int64_t pairs = n / 2;
@@ -268,19 +267,19 @@ std::tuple<at::Tensor, at::Tensor> paired_mse_cuda(const at::Tensor& model_pred,
   const at::Tensor m = model_pred.contiguous(), t = target.contiguous();
   const at::Tensor r = has_ref ? ref_pred->contiguous() : at::Tensor();
   auto [partial, chunks] = launch_sumsq(m, has_ref ? &r : nullptr, t, dims);
-  const auto opts = model_pred.options().dtype(at::kFloat);
+  const auto opts = model_pred.options().dtype(at::kDouble);
   at::Tensor model_mse = at::empty({dims.n}, opts);
   at::Tensor ref_mse = at::empty({has_ref ? dims.n : 0}, opts);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const double inv_d = 1.0 / static_cast<double>(dims.d);
   if (has_ref) {
-    finalize_kernel<false, true><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), dims.n, chunks, inv_d,
-                                                             nullptr, 1.0, model_mse.data_ptr<float>(),
-                                                             ref_mse.data_ptr<float>(), nullptr, nullptr);
+    finalize_kernel<false, true, double><<<1, kThreads, 0, stream>>>(
+        partial.const_data_ptr<double>(), dims.n, chunks, inv_d, nullptr, 1.0, model_mse.data_ptr<double>(),
+        ref_mse.data_ptr<double>(), nullptr, nullptr);
   } else {
-    finalize_kernel<false, false><<<1, kThreads, 0, stream>>>(partial.const_data_ptr<double>(), dims.n, chunks, inv_d,
-                                                              nullptr, 1.0, model_mse.data_ptr<float>(), nullptr,
-                                                              nullptr, nullptr);
+    finalize_kernel<false, false, double><<<1, kThreads, 0, stream>>>(
+        partial.const_data_ptr<double>(), dims.n, chunks, inv_d, nullptr, 1.0, model_mse.data_ptr<double>(), nullptr,
+        nullptr, nullptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {model_mse, ref_mse};
@@ -315,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(const a
   at::Tensor ref_mse = at::empty({dims.n}, opts);
   const at::Tensor w = weight.has_value() ? f32(*weight) : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  finalize_kernel<true, true><<<1, kThreads, 0, stream>>>(
+  finalize_kernel<true, true, float><<<1, kThreads, 0, stream>>>(
       partial.const_data_ptr<double>(), dims.n, chunks, 1.0 / static_cast<double>(dims.d),
       w.defined() ? w.const_data_ptr<float>() : nullptr, beta, model_mse.data_ptr<float>(), ref_mse.data_ptr<float>(),
       inside.data_ptr<float>(), loss.data_ptr<float>());

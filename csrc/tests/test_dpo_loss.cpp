@@ -164,6 +164,7 @@ PPD_TEST(paired_mse_and_mse_backward) {
   auto [em, er] = call_paired_mse(m, r, t);
   auto [em_only, er_none] = call_paired_mse(m, std::nullopt, t);
   PPD_CHECK(er_none.numel() == 0);
+  PPD_CHECK(em.scalar_type() == at::kDouble && er.scalar_type() == at::kDouble);
   const Tensor exp_m = (m - t).pow(2).to(at::kDouble).mean({1, 2});
   const Tensor exp_r = (r - t).pow(2).to(at::kDouble).mean({1, 2});
   PPD_CHECK(at::allclose(em.to(at::kDouble), exp_m, 1e-6, 0.0));

@@ -10,8 +10,8 @@ per-sample ε-MSE (mean over all non-batch dims):
 `beta` is the official code's `beta_dpo` (5000 for SD1.5 there). diffusers' SD1.5 script folds the
 0.5 into beta, so its `beta_dpo=2500` equals `beta=5000` here.
 
-One pass over model_pred, ref_pred and target computes both per-sample sums of squares (fp32
-accumulation, float32 outputs); ref_pred, target and weight are constants (no gradient). Inputs may
+One pass over model_pred, ref_pred and target computes both per-sample sums of squares (double
+accumulation; `dpo_loss` returns float32 outputs, `paired_mse` float64 MSEs); ref_pred, target and weight are constants (no gradient). Inputs may
 be float32, bfloat16 or float16 (all three the same dtype), contiguous or not (non-contiguous
 inputs are copied once). NaN/Inf anywhere in a pair's inputs makes that pair's `inside`, and so
 the loss, NaN.
@@ -92,13 +92,18 @@ def paired_mse(model_pred: Tensor, ref_pred: Tensor | None, target: Tensor) -> t
     """Per-sample ε-MSE of the policy and the reference prediction in one pass.
 
     Args: model_pred (N, ...), ref_pred (N, ...) or None, target (N, ...), same dtype and device.
-    Returns: model_mse (N,) float32, ref_mse (N,) float32 or None. Differentiable w.r.t. model_pred only.
+    Returns: model_mse (N,) float64, ref_mse (N,) float64 or None. Differentiable w.r.t. model_pred only.
+    The sums are taken in double and returned unrounded: the preference losses multiply differences of
+    these MSEs by beta/2 (2500 at the official beta), where a float32 rounding would be the dominant
+    error.
     """
     _check_pair("model_pred", model_pred, target, "paired_mse")
     if ref_pred is not None:
         _check_pair("ref_pred", ref_pred, target, "paired_mse")
     if not _use_kernel("paired_mse", model_pred):
-        return reference.paired_mse_reference(model_pred, ref_pred, target)
+        # The fallback keeps the kernel's contract: float64 sums (a copy in float64, fallback only).
+        return reference.paired_mse_reference(model_pred.double(), None if ref_pred is None else ref_pred.double(),
+                                              target.double())
     model_mse, ref_mse = torch.ops.ppd.paired_mse(model_pred, ref_pred, target)
     return model_mse, (None if ref_pred is None else ref_mse)
 
@@ -125,8 +130,8 @@ if _ext.HAS_EXT:
     @torch.library.register_fake("ppd::paired_mse")
     def _paired_mse_fake(model_pred, ref_pred, target):
         n = model_pred.shape[0]
-        return (model_pred.new_empty((n,), dtype=torch.float32),
-                model_pred.new_empty((n if ref_pred is not None else 0,), dtype=torch.float32))
+        return (model_pred.new_empty((n,), dtype=torch.float64),
+                model_pred.new_empty((n if ref_pred is not None else 0,), dtype=torch.float64))
 
     @torch.library.register_fake("ppd::mse_backward")
     def _mse_backward_fake(grad_mse, pred, target):

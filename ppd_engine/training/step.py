@@ -77,28 +77,36 @@ def snr_weight(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor
 
 @dataclass
 class StepStats:
-    """Detached per-micro-batch statistics (means over its pairs)."""
+    """Detached per-micro-batch statistics (0-dim means over its pairs), logged under their field
+    names: the diffusers Diffusion-DPO vocabulary (implicit_acc, model_mse, ref_mse, reward_margin =
+    mean inside) and TRL's (rewards_chosen/_rejected/_accuracies/_margins = TRL's rewards/chosen,
+    rewards/rejected, rewards/accuracies, rewards/margins under the mapping of ppd_engine.losses)."""
 
     loss: torch.Tensor
     implicit_acc: torch.Tensor
     model_mse: torch.Tensor
     ref_mse: torch.Tensor
     reward_margin: torch.Tensor
+    rewards_chosen: torch.Tensor
+    rewards_rejected: torch.Tensor
+    rewards_accuracies: torch.Tensor
+    rewards_margins: torch.Tensor
 
 
 def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Tensor, empty_text: torch.Tensor,
-                    empty_pooled: torch.Tensor | None, *, loss_name: str, beta: float, weighting: str,
+                    empty_pooled: torch.Tensor | None, *, loss_name: str | list[str], beta: float, weighting: str,
                     snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None,
-                    phase_hook=None) -> tuple[torch.Tensor, StepStats]:
+                    phase_hook=None, loss_weights: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
     """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
 
     batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL pooled (B, D2) and
     time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
     empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
     phase_hook(phase, "start"|"end"), if given, brackets the forward phases (see paired_forward)
-    and "loss", so a benchmark can time them.
+    and "loss", so a benchmark can time them. loss_name may be a list (a mixture, weighted by
+    loss_weights; None or empty = all 1).
     """
-    from ppd_engine.losses import LOSSES, preference_loss
+    from ppd_engine.losses import loss_inputs, preference_loss
     from ppd_engine.paired import paired_forward
 
     sched = model.noise_scheduler
@@ -129,7 +137,7 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     hook = phase_hook or (lambda phase, event: None)
     hook("loss", "start")
 
-    spec = LOSSES[loss_name]
+    names = [loss_name] if isinstance(loss_name, str) else list(loss_name)
     kw = dict(loss_options)
     weight = None
     if weighting == "min_snr":
@@ -138,11 +146,10 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     # match the autocast predictions would perturb every per-sample MSE; the upcast is tiny next to
     # the UNet passes.
     policy, ref, target = policy.float(), ref.float(), target.float()
-    if not spec.paired:
-        # Unpaired losses (kto) see each winner as desirable and each loser as undesirable.
-        kw["labels"] = torch.cat([torch.ones(b, device=device), -torch.ones(b, device=device)])
-    out = preference_loss(loss_name, policy, ref, target,
-                          beta=beta, weight=weight, **kw)
+    # The per-batch tensors the losses declare (kto: labels, each winner desirable, each loser not).
+    kw.update(loss_inputs(names, b, device))
+    out = preference_loss(names if len(names) > 1 else names[0], policy, ref, target,
+                          beta=beta, weight=weight, loss_weights=loss_weights or None, **kw)
     stats = StepStats(
         loss=out.loss.detach(),
         implicit_acc=out.implicit_acc.detach().float(),
@@ -150,6 +157,10 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
         ref_mse=(out.ref_mse.detach().float().mean() if out.ref_mse is not None
                  else torch.full((), float("nan"), device=device)),
         reward_margin=out.inside.detach().float().mean(),
+        rewards_chosen=out.rewards_chosen,
+        rewards_rejected=out.rewards_rejected,
+        rewards_accuracies=out.rewards_accuracies,
+        rewards_margins=out.rewards_margins,
     )
     hook("loss", "end")
     return out.loss, stats

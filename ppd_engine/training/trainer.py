@@ -269,7 +269,8 @@ class Trainer:
             loss, st = micro_step_loss(
                 self.model, batch, draws, embeds, self.empty_text, self.empty_pooled, loss_name=cfg.loss.name,
                 beta=cfg.loss.beta, weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
-                loss_options=cfg.loss.options, strategy=t.paired_strategy, autocast_dtype=self.autocast)
+                loss_options=cfg.loss.options, loss_weights=cfg.loss.weights or None, strategy=t.paired_strategy,
+                autocast_dtype=self.autocast)
             (loss / self.accum).backward()
             stat_names = [f.name for f in dataclasses.fields(st)]
             row = torch.stack([getattr(st, n).detach().reshape(()).double() for n in stat_names])
