@@ -254,3 +254,45 @@ def test_cpu_kernel_multithreaded_matches_float64(threads):
             assert max_err(g, r) < 2e-5 * max(1.0, r.abs().max().item()), f"grad {name}"
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,heads", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads_forward_and_backward(device, batch, heads):
+    """B = 0 or H = 0 launches nothing (a zero grid dimension is an invalid CUDA launch) and returns
+    empty gradients of the right shapes."""
+    q = torch.randn(batch, heads, 5, 16, device=device, requires_grad=True)
+    kt = torch.randn(1, heads, 3, 16, device=device, requires_grad=True)
+    vt = torch.randn(1, heads, 3, 16, device=device)
+    ku = torch.randn(batch, heads, 2, 16, device=device, requires_grad=True)
+    vu = torch.randn(batch, heads, 2, 16, device=device, requires_grad=True)
+    us = torch.ones(batch, device=device, requires_grad=True)
+    out = dual_cross_attention(q, kt, vt, ku, vu, us)
+    assert out.shape == q.shape
+    out.sum().backward()
+    for x in (q, kt, ku, vu, us):
+        assert x.grad.shape == x.shape and torch.count_nonzero(x.grad) == 0
+    if HAS_CPU_KERNEL or device == "cuda":  # the raw backward op, text gradients off and on
+        o, lt, lu = torch.ops.ppd.dual_cross_attention(q.detach(), kt.detach(), vt, ku.detach(), vu.detach(),
+                                                       us.detach(), 0.25)
+        for text_grads in (False, True):
+            grads = torch.ops.ppd.dual_cross_attention_backward(torch.zeros_like(o), q.detach(), kt.detach(), vt,
+                                                                ku.detach(), vu.detach(), us.detach(), lt, lu, 0.25,
+                                                                text_grads)
+            assert grads[0].shape == q.shape and grads[3].shape == ku.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,heads", [(65537, 1), (1, 65537)])
+def test_batch_or_heads_past_the_cuda_grid_limit(device, batch, heads):
+    """More than 65535 batches or heads (CUDA's grid.y / grid.z limit) are launched in chunks, not
+    refused: the rows past the first chunk get the same answer as the reference."""
+    q, kt, vt, ku, vu, us = make_inputs(batch, 1, heads, 2, 3, 2, 4, device=device, diffusers_layout=False)
+    kt.requires_grad_()
+    go = torch.randn_like(q)
+    out, grads = grads_of(dual_cross_attention, (q, kt, vt, ku, vu, us), go)
+    ref, ref_grads = grads_of(ref64, (q, kt, vt, ku, vu, us), go)
+    assert max_err(out, ref) < 2e-5 * max(1.0, ref.abs().max().item())
+    assert max_err(out[-3:], ref[-3:]) < 2e-5 * max(1.0, ref.abs().max().item())
+    for name, g, r in zip(("q", "k_text", "v_text", "k_user", "v_user", "user_scale"), grads, ref_grads):
+        assert max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()), f"grad {name}"

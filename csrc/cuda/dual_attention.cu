@@ -15,6 +15,9 @@
 // summed over the block's queries in shared memory, then added to fp32 global accumulators with one
 // atomicAdd per element per block. The order of those atomics is not fixed, so dk/dv are
 // reproducible only to fp32 rounding.
+//
+// Batch and heads are grid.z and grid.y (at most 65535 each): larger ones are launched in chunks
+// with the chunk's first batch/head passed to the kernel.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -36,6 +39,7 @@ namespace {
 constexpr int kRows = 4;     // query rows a warp processes together
 constexpr int kMaxNV = 8;    // head-dim entries per lane: D <= 256
 constexpr int kMaxWarps = 8;
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on grid.y and grid.z
 
 struct Tensor4 {
   const void* ptr;
@@ -52,6 +56,7 @@ struct FwdParams {
   float* lse_t;
   float* lse_u;
   int rows_per_block;
+  int64_t b0, h0;  // first batch / head of this launch (grid.z / grid.y are chunked past 65535)
 };
 
 struct BwdParams {
@@ -70,6 +75,7 @@ struct BwdParams {
   float* d_user_scale;  // (B,) fp32 accumulator
   int key0;             // first key whose dk/dv is accumulated: 0 with text grads, else Lt
   int rows_per_block;
+  int64_t b0, h0;
 };
 
 __device__ inline int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -113,7 +119,7 @@ template <typename T, int NV>
 __global__ void dual_attn_fwd_kernel(const FwdParams p) {
   extern __shared__ float smem[];
   const Shapes& s = p.s;
-  const int64_t b = blockIdx.z, h = blockIdx.y, bt = b % s.Bt;
+  const int64_t b = p.b0 + blockIdx.z, h = p.h0 + blockIdx.y, bt = b % s.Bt;
   const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
   const int S = smem_stride(D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -220,7 +226,7 @@ template <typename T, int NV>
 __global__ void dual_attn_bwd_kernel(const BwdParams p) {
   extern __shared__ float smem[];
   const Shapes& s = p.s;
-  const int64_t b = blockIdx.z, h = blockIdx.y, bt = b % s.Bt;
+  const int64_t b = p.b0 + blockIdx.z, h = p.h0 + blockIdx.y, bt = b % s.Bt;
   const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
   const int key0 = p.key0, Lacc = Lk - key0;
   const int S = smem_stride(D);
@@ -393,6 +399,19 @@ void set_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Launches over (query tiles, H, B), in chunks of at most 65535 heads / batches (grid.y / grid.z);
+// `launch(grid, b0, h0)` launches one chunk.
+template <typename F>
+void for_grid_chunks(const Shapes& s, int64_t tiles, F&& launch) {
+  for (int64_t b0 = 0; b0 < s.B; b0 += kMaxGridYZ) {
+    for (int64_t h0 = 0; h0 < s.H; h0 += kMaxGridYZ) {
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min(kMaxGridYZ, s.H - h0)),
+                      static_cast<unsigned>(std::min(kMaxGridYZ, s.B - b0)));
+      launch(grid, b0, h0);
+    }
+  }
+}
+
 #define PPD_DUAL_ATTN_NV_CASES(NV_EXPR, ...)                       \
   switch (NV_EXPR) {                                               \
     case 1: { constexpr int NV = 1; __VA_ARGS__(); break; }        \
@@ -426,17 +445,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_cross_attention_cuda(const a
   const int64_t smem = fwd_smem_floats(Lk, s.D, warps) * sizeof(float);
   FwdParams p{s, static_cast<float>(softmax_scale), t4(q), t4(k_text), t4(v_text), t4(k_user), t4(v_user),
               us.const_data_ptr<float>(), out.mutable_data_ptr(), strides_of(out),
-              lse_t.mutable_data_ptr<float>(), lse_u.mutable_data_ptr<float>(), pick_rows(s, warps)};
-  const dim3 grid((s.Lq + p.rows_per_block - 1) / p.rows_per_block, s.H, s.B);
-  TORCH_CHECK(s.H <= 65535 && s.B <= 65535, "dual_cross_attention (CUDA): batch and heads must be <= 65535");
+              lse_t.mutable_data_ptr<float>(), lse_u.mutable_data_ptr<float>(), pick_rows(s, warps), 0, 0};
+  const int64_t tiles = (s.Lq + p.rows_per_block - 1) / p.rows_per_block;
   const auto stream = at::cuda::getCurrentCUDAStream();
   PPD_DUAL_ATTN_DISPATCH(q.scalar_type(), "dual_cross_attention_cuda", [&] {
     using T = scalar_t;
     PPD_DUAL_ATTN_NV_CASES((s.D + 31) / 32, [&] {
       auto kernel = dual_attn_fwd_kernel<T, NV>;
       set_smem(kernel, smem);
-      kernel<<<grid, warps * 32, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for_grid_chunks(s, tiles, [&](dim3 grid, int64_t b0, int64_t h0) {
+        p.b0 = b0;
+        p.h0 = h0;
+        kernel<<<grid, warps * 32, smem, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return {out, lse_t, lse_u};
@@ -461,7 +483,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dv_text_acc = at::zeros({s.Bt, s.H, s.Lt, s.D}, f32);
   }
   at::Tensor dus = at::zeros({s.B}, f32);
-  if (s.Lq > 0) {
+  // No launch for an empty grid (B, H or Lq zero): a zero grid dimension is an invalid launch.
+  if (s.Lq > 0 && s.B > 0 && s.H > 0) {
     const int64_t Lk = s.Lt + s.Lu;
     const int key0 = text_grads ? 0 : static_cast<int>(s.Lt);
     const int warps = pick_warps([&](int w) { return bwd_smem_floats(Lk, Lk - key0, s.D, w); },
@@ -472,17 +495,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 dq.mutable_data_ptr(), strides_of(dq),
                 text_grads ? dk_text_acc.mutable_data_ptr<float>() : nullptr,
                 text_grads ? dv_text_acc.mutable_data_ptr<float>() : nullptr, dk_user_acc.mutable_data_ptr<float>(),
-                dv_user_acc.mutable_data_ptr<float>(), dus.mutable_data_ptr<float>(), key0, pick_rows(s, warps)};
-    const dim3 grid((s.Lq + p.rows_per_block - 1) / p.rows_per_block, s.H, s.B);
-    TORCH_CHECK(s.H <= 65535 && s.B <= 65535, "dual_cross_attention (CUDA): batch and heads must be <= 65535");
+                dv_user_acc.mutable_data_ptr<float>(), dus.mutable_data_ptr<float>(), key0, pick_rows(s, warps), 0, 0};
+    const int64_t tiles = (s.Lq + p.rows_per_block - 1) / p.rows_per_block;
     const auto stream = at::cuda::getCurrentCUDAStream();
     PPD_DUAL_ATTN_DISPATCH(q.scalar_type(), "dual_cross_attention_backward_cuda", [&] {
       using T = scalar_t;
       PPD_DUAL_ATTN_NV_CASES((s.D + 31) / 32, [&] {
         auto kernel = dual_attn_bwd_kernel<T, NV>;
         set_smem(kernel, smem);
-        kernel<<<grid, warps * 32, smem, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        for_grid_chunks(s, tiles, [&](dim3 grid, int64_t b0, int64_t h0) {
+          p.b0 = b0;
+          p.h0 = h0;
+          kernel<<<grid, warps * 32, smem, stream>>>(p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   } else {
