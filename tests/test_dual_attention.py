@@ -296,3 +296,24 @@ def test_batch_or_heads_past_the_cuda_grid_limit(device, batch, heads):
     assert max_err(out[-3:], ref[-3:]) < 2e-5 * max(1.0, ref.abs().max().item())
     for name, g, r in zip(("q", "k_text", "v_text", "k_user", "v_user", "user_scale"), grads, ref_grads):
         assert max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()), f"grad {name}"
+
+
+def test_cuda_shared_memory_mirror_stages_kv_in_the_input_dtype():
+    """ppd_engine.ops.dual_attention mirrors the CUDA kernel's shared-memory formulas (it decides when
+    the kernel takes the inputs). K/V tiles are in the input dtype: 16-bit inputs halve them, with a
+    row stride of 2 mod 4 elements (an odd number of 4-byte words, so column reads are conflict-free)."""
+    from ppd_engine.ops.dual_attention import _cuda_smem_bytes
+
+    def a16(n):  # the K/V tiles' bytes are rounded up to 16 so the fp32 part stays aligned
+        return (n + 15) // 16 * 16
+
+    lk, d = 81, 160
+    per_warp_fwd = 4 * (d + lk)  # kRows x (D + Lk) floats
+    assert _cuda_smem_bytes(77, 4, d, False, False, 4) == a16(2 * lk * 161 * 4) + 4 * 2 * per_warp_fwd
+    assert _cuda_smem_bytes(77, 4, d, False, False, 2) == a16(2 * lk * 162 * 2) + 4 * 2 * per_warp_fwd
+    per_warp_bwd = 4 * (2 * d + 2 * lk)
+    for text_grads, lacc in ((False, 4), (True, lk)):
+        want = a16(2 * lk * 162 * 2) + 4 * (2 * lacc * 161 + 2 * per_warp_bwd)
+        assert _cuda_smem_bytes(77, 4, d, text_grads, True, 2) == want
+    for d, stride in ((40, 42), (64, 66), (80, 82), (7, 10), (2, 2)):  # 16-bit: smallest S >= D, S = 2 (mod 4)
+        assert _cuda_smem_bytes(1, 1, d, False, False, 2) == a16(2 * 2 * stride * 2) + 4 * 2 * 4 * (d + 2)

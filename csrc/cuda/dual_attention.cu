@@ -1,9 +1,11 @@
 // CUDA kernels of ppd::dual_cross_attention (schemas in csrc/registration.cpp, math in dual_attention.h).
 //
 // One block per (query tile, head, batch). The block stages the K/V of both segments (Lt text keys
-// of batch b % Bt, then Lu user keys of batch b) in shared memory as fp32 rows with an odd stride,
-// so a warp reading one column across 32 keys and a warp reading one row across 32 head-dim entries
-// both hit 32 distinct banks. Each warp then owns kRows query rows at a time:
+// of batch b % Bt, then Lu user keys of batch b) in shared memory in the input dtype (bf16/fp16 halve
+// the tile: 49 KB instead of 99 KB for 81 keys at D=160), one warp per key row so no index is
+// divided per element, with a row stride chosen so that a warp reading one column across 32 keys and
+// a warp reading one row across 32 head-dim entries both hit 32 distinct 4-byte banks (odd stride
+// for fp32, stride = 2 mod 4 elements for 16-bit types). Each warp then owns kRows query rows at a time:
 //   scores:  lane j computes q_r . k_j for its keys (j = lane, lane + 32, ...), all kRows rows at once;
 //   softmax: two warp-wide max/sum reductions per row, one per segment (keys are few, so the whole
 //            row is held in shared memory and the softmax is exact, no online rescaling);
@@ -80,19 +82,38 @@ struct BwdParams {
 
 __device__ inline int64_t imin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// Row stride (in elements) of an fp32 tile: odd, so column reads across rows hit distinct banks.
 __host__ __device__ inline int smem_stride(int D) { return (D % 2) ? D : D + 1; }
-
-// Shared-memory floats of one block; the host uses the same formulas to size and check launches.
-inline int64_t fwd_smem_floats(int64_t Lk, int64_t D, int warps) {
-  return 2 * Lk * smem_stride(D) + int64_t(warps) * kRows * (D + Lk);
+// Row stride of a K/V tile of `elem`-byte elements: odd for 4-byte; for 2-byte, S = 2 mod 4, i.e.
+// an odd number of 4-byte words per row (two elements share a word, which a warp reads as a broadcast).
+__host__ __device__ inline int kv_stride(int D, int elem) {
+  if (elem == 4) return smem_stride(D);
+  int S = D;
+  while (S % 4 != 2) ++S;
+  return S;
 }
-inline int64_t bwd_smem_floats(int64_t Lk, int64_t Lacc, int64_t D, int warps) {
-  return (2 * Lk + 2 * Lacc) * smem_stride(D) + int64_t(warps) * kRows * (2 * D + 2 * Lk);
+__host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Shared-memory bytes of one block (K/V tiles in the input dtype, everything else fp32); the host
+// uses the same formulas to size and check launches, and ppd_engine/ops/dual_attention.py mirrors them.
+__host__ __device__ inline int64_t kv_smem_bytes(int64_t Lk, int64_t D, int elem) {
+  return align16(2 * Lk * kv_stride(D, elem) * elem);
+}
+inline int64_t fwd_smem_bytes(int64_t Lk, int64_t D, int warps, int elem) {
+  return kv_smem_bytes(Lk, D, elem) + 4 * int64_t(warps) * kRows * (D + Lk);
+}
+inline int64_t bwd_smem_bytes(int64_t Lk, int64_t Lacc, int64_t D, int warps, int elem) {
+  return kv_smem_bytes(Lk, D, elem) + 4 * (2 * Lacc * smem_stride(D) + int64_t(warps) * kRows * (2 * D + 2 * Lk));
 }
 
+// Base pointer of the (b, h) slice, taken once per block; ld reads element (l, d) of it as float.
 template <typename T>
-__device__ inline float ld(const Tensor4& t, int64_t b, int64_t h, int64_t l, int64_t d) {
-  return static_cast<float>(static_cast<const T*>(t.ptr)[b * t.st.b + h * t.st.h + l * t.st.l + d * t.st.d]);
+__device__ inline const T* slice(const Tensor4& t, int64_t b, int64_t h) {
+  return static_cast<const T*>(t.ptr) + b * t.st.b + h * t.st.h;
+}
+template <typename T>
+__device__ inline float ld(const T* base, const Strides4& st, int64_t l, int64_t d) {
+  return static_cast<float>(base[l * st.l + d * st.d]);
 }
 
 __device__ inline float warp_max(float v) {
@@ -104,14 +125,21 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
-// Stages keys [0, Lt) from the text tensor and [Lt, Lt + Lu) from the user tensor as fp32 rows.
+// Stages keys [0, Lt) from the text tensor and [Lt, Lt + Lu) from the user tensor, in T, one warp
+// per key row: the source row pointer is computed once per row, lanes step along d.
 template <typename T>
 __device__ void stage_keys(const Tensor4& text, const Tensor4& user, const Shapes& s, int64_t b, int64_t bt,
-                           int64_t h, float* dst, int S) {
-  const int64_t Lk = s.Lt + s.Lu;
-  for (int64_t idx = threadIdx.x; idx < Lk * s.D; idx += blockDim.x) {
-    const int64_t j = idx / s.D, d = idx % s.D;
-    dst[j * S + d] = j < s.Lt ? ld<T>(text, bt, h, j, d) : ld<T>(user, b, h, j - s.Lt, d);
+                           int64_t h, T* dst, int S) {
+  const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const T* tb = slice<T>(text, bt, h);
+  const T* ub = slice<T>(user, b, h);
+  for (int j = warp; j < Lk; j += warps) {
+    const bool is_text = j < Lt;
+    const T* src = is_text ? tb + int64_t(j) * text.st.l : ub + int64_t(j - Lt) * user.st.l;
+    const int64_t sd = is_text ? text.st.d : user.st.d;
+    T* row = dst + j * S;
+    for (int d = lane; d < D; d += 32) row[d] = src[d * sd];
   }
 }
 
@@ -121,14 +149,16 @@ __global__ void dual_attn_fwd_kernel(const FwdParams p) {
   const Shapes& s = p.s;
   const int64_t b = p.b0 + blockIdx.z, h = p.h0 + blockIdx.y, bt = b % s.Bt;
   const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
-  const int S = smem_stride(D);
+  const int S = kv_stride(D, sizeof(T));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  float* ks = smem;
-  float* vs = ks + Lk * S;
-  float* qs = vs + Lk * S + warp * kRows * (D + Lk);  // kRows x D, this warp's
-  float* ps = qs + kRows * D;                         // kRows x Lk, this warp's
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + Lk * S;
+  float* fbase = smem + kv_smem_bytes(Lk, D, sizeof(T)) / 4;
+  float* qs = fbase + warp * kRows * (D + Lk);  // kRows x D, this warp's
+  float* ps = qs + kRows * D;                   // kRows x Lk, this warp's
   stage_keys<T>(p.kt, p.ku, s, b, bt, h, ks, S);
   stage_keys<T>(p.vt, p.vu, s, b, bt, h, vs, S);
+  const T* qb = slice<T>(p.q, b, h);
   __syncthreads();
 
   const float us = p.user_scale[b];
@@ -139,7 +169,7 @@ __global__ void dual_attn_fwd_kernel(const FwdParams p) {
     const int n = static_cast<int>(imin64(kRows, row_end - g));
     #pragma unroll
     for (int r = 0; r < kRows; ++r)
-      for (int d = lane; d < D; d += 32) qs[r * D + d] = r < n ? ld<T>(p.q, b, h, g + r, d) * p.scale : 0.f;
+      for (int d = lane; d < D; d += 32) qs[r * D + d] = r < n ? ld(qb, p.q.st, g + r, d) * p.scale : 0.f;
     __syncwarp();
 
     float mt[kRows], mu[kRows];
@@ -147,9 +177,9 @@ __global__ void dual_attn_fwd_kernel(const FwdParams p) {
     for (int r = 0; r < kRows; ++r) mt[r] = mu[r] = -INFINITY;
     for (int j = lane; j < Lk; j += 32) {
       float acc[kRows] = {};
-      const float* kr = ks + j * S;
+      const T* kr = ks + j * S;
       for (int d = 0; d < D; ++d) {
-        const float kv = kr[d];
+        const float kv = static_cast<float>(kr[d]);
         #pragma unroll
         for (int r = 0; r < kRows; ++r) acc[r] = fmaf(qs[r * D + d], kv, acc[r]);
       }
@@ -199,10 +229,10 @@ __global__ void dual_attn_fwd_kernel(const FwdParams p) {
 
     float acc[kRows][NV] = {};
     for (int j = 0; j < Lk; ++j) {
-      const float* vr = vs + j * S;
+      const T* vr = vs + j * S;
       float vv[NV];
       #pragma unroll
-      for (int t = 0; t < NV; ++t) vv[t] = (lane + 32 * t < D) ? vr[lane + 32 * t] : 0.f;
+      for (int t = 0; t < NV; ++t) vv[t] = (lane + 32 * t < D) ? static_cast<float>(vr[lane + 32 * t]) : 0.f;
       #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const float pj = ps[r * Lk + j];
@@ -229,19 +259,21 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
   const int64_t b = p.b0 + blockIdx.z, h = p.h0 + blockIdx.y, bt = b % s.Bt;
   const int Lt = static_cast<int>(s.Lt), Lk = static_cast<int>(s.Lt + s.Lu), D = static_cast<int>(s.D);
   const int key0 = p.key0, Lacc = Lk - key0;
-  const int S = smem_stride(D);
+  const int S = kv_stride(D, sizeof(T)), SF = smem_stride(D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  float* ks = smem;
-  float* vs = ks + Lk * S;
-  float* dks = vs + Lk * S;    // Lacc x S
-  float* dvs = dks + Lacc * S;  // Lacc x S
-  float* qs = dvs + Lacc * S + warp * kRows * (2 * D + 2 * Lk);  // kRows x D: q * scale
+  T* ks = reinterpret_cast<T*>(smem);
+  T* vs = ks + Lk * S;
+  float* dks = smem + kv_smem_bytes(Lk, D, sizeof(T)) / 4;        // Lacc x SF
+  float* dvs = dks + Lacc * SF;                                   // Lacc x SF
+  float* qs = dvs + Lacc * SF + warp * kRows * (2 * D + 2 * Lk);  // kRows x D: q * scale
   float* gs = qs + kRows * D;                                     // kRows x D: grad_out
   float* ps = gs + kRows * D;                                     // kRows x Lk: P' (user x scale)
   float* dss = ps + kRows * Lk;                                   // kRows x Lk: dP, then dS
   stage_keys<T>(p.kt, p.ku, s, b, bt, h, ks, S);
   stage_keys<T>(p.vt, p.vu, s, b, bt, h, vs, S);
-  for (int idx = threadIdx.x; idx < 2 * Lacc * S; idx += blockDim.x) dks[idx] = 0.f;
+  for (int idx = threadIdx.x; idx < 2 * Lacc * SF; idx += blockDim.x) dks[idx] = 0.f;
+  const T* qb = slice<T>(p.q, b, h);
+  const T* gb = slice<T>(p.go, b, h);
   __syncthreads();
 
   const float us = p.user_scale[b];
@@ -254,8 +286,8 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
     #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       for (int d = lane; d < D; d += 32) {
-        qs[r * D + d] = r < n ? ld<T>(p.q, b, h, g + r, d) * p.scale : 0.f;
-        gs[r * D + d] = r < n ? ld<T>(p.go, b, h, g + r, d) : 0.f;
+        qs[r * D + d] = r < n ? ld(qb, p.q.st, g + r, d) * p.scale : 0.f;
+        gs[r * D + d] = r < n ? ld(gb, p.go.st, g + r, d) : 0.f;
       }
     }
     float lt[kRows], lu[kRows];
@@ -270,10 +302,10 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
     float dt[kRows] = {}, du[kRows] = {};
     for (int j = lane; j < Lk; j += 32) {
       float sc[kRows] = {}, dp[kRows] = {};
-      const float* kr = ks + j * S;
-      const float* vr = vs + j * S;
+      const T* kr = ks + j * S;
+      const T* vr = vs + j * S;
       for (int d = 0; d < D; ++d) {
-        const float kv = kr[d], vv = vr[d];
+        const float kv = static_cast<float>(kr[d]), vv = static_cast<float>(vr[d]);
         #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           sc[r] = fmaf(qs[r * D + d], kv, sc[r]);
@@ -312,10 +344,10 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
 
     float acc[kRows][NV] = {};
     for (int j = 0; j < Lk; ++j) {
-      const float* kr = ks + j * S;
+      const T* kr = ks + j * S;
       float kv[NV];
       #pragma unroll
-      for (int t = 0; t < NV; ++t) kv[t] = (lane + 32 * t < D) ? kr[lane + 32 * t] : 0.f;
+      for (int t = 0; t < NV; ++t) kv[t] = (lane + 32 * t < D) ? static_cast<float>(kr[lane + 32 * t]) : 0.f;
       #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const float ds = dss[r * Lk + j];
@@ -342,8 +374,8 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
           ak = fmaf(dss[r * Lk + j], qs[r * D + d], ak);
           av = fmaf(ps[r * Lk + j], gs[r * D + d], av);
         }
-        atomicAdd(dks + (j - key0) * S + d, ak);
-        atomicAdd(dvs + (j - key0) * S + d, av);
+        atomicAdd(dks + (j - key0) * SF + d, ak);
+        atomicAdd(dvs + (j - key0) * SF + d, av);
       }
     }
     __syncwarp();  // qs / gs / ps / dss are rewritten by the next row group
@@ -351,8 +383,8 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
   if (lane == 0 && dus != 0.f) atomicAdd(p.d_user_scale + b, dus);
   __syncthreads();
   for (int idx = threadIdx.x; idx < Lacc * D; idx += blockDim.x) {
-    const int jj = idx / D, d = idx % D, j = jj + key0;
-    const float gk = dks[jj * S + d], gv = dvs[jj * S + d];
+    const int jj = idx / D, d = idx - jj * D, j = jj + key0;
+    const float gk = dks[jj * SF + d], gv = dvs[jj * SF + d];
     if (j < Lt) {
       const int64_t o = ((bt * s.H + h) * s.Lt + j) * s.D + d;
       atomicAdd(p.dk_text + o, gk);
@@ -375,11 +407,11 @@ int max_smem_optin(int device) {
 
 // The most warps per block (8, 4 or 2) whose shared memory fits; fails naming the sizes otherwise.
 template <typename F>
-int pick_warps(F floats_for, int limit, const Shapes& s, const char* what) {
+int pick_warps(F bytes_for, int limit, const Shapes& s, const char* what) {
   for (int w = kMaxWarps; w >= 2; w /= 2)
-    if (floats_for(w) * int64_t(sizeof(float)) <= limit) return w;
+    if (bytes_for(w) <= limit) return w;
   TORCH_CHECK(false, "dual_cross_attention (CUDA ", what, "): text length ", s.Lt, " + user length ", s.Lu,
-              " keys of head_dim ", s.D, " need ", floats_for(2) * int64_t(sizeof(float)),
+              " keys of head_dim ", s.D, " need ", bytes_for(2),
               " bytes of shared memory, the device allows ", limit,
               "; use the reference path (ppd_engine.ops.dual_attention falls back automatically)");
   return 0;
@@ -412,6 +444,8 @@ void for_grid_chunks(const Shapes& s, int64_t tiles, F&& launch) {
   }
 }
 
+int elem_size(at::ScalarType t) { return t == at::kFloat ? 4 : 2; }
+
 #define PPD_DUAL_ATTN_NV_CASES(NV_EXPR, ...)                       \
   switch (NV_EXPR) {                                               \
     case 1: { constexpr int NV = 1; __VA_ARGS__(); break; }        \
@@ -440,9 +474,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_cross_attention_cuda(const a
   if (out.numel() == 0) return {out, lse_t, lse_u};
   const at::Tensor us = user_scale.to(at::kFloat).contiguous();
   const int64_t Lk = s.Lt + s.Lu;
-  const int warps = pick_warps([&](int w) { return fwd_smem_floats(Lk, s.D, w); }, max_smem_optin(q.get_device()),
-                               s, "forward");
-  const int64_t smem = fwd_smem_floats(Lk, s.D, warps) * sizeof(float);
+  const int elem = elem_size(q.scalar_type());
+  const int warps = pick_warps([&](int w) { return fwd_smem_bytes(Lk, s.D, w, elem); },
+                               max_smem_optin(q.get_device()), s, "forward");
+  const int64_t smem = fwd_smem_bytes(Lk, s.D, warps, elem);
   FwdParams p{s, static_cast<float>(softmax_scale), t4(q), t4(k_text), t4(v_text), t4(k_user), t4(v_user),
               us.const_data_ptr<float>(), out.mutable_data_ptr(), strides_of(out),
               lse_t.mutable_data_ptr<float>(), lse_u.mutable_data_ptr<float>(), pick_rows(s, warps), 0, 0};
@@ -487,9 +522,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (s.Lq > 0 && s.B > 0 && s.H > 0) {
     const int64_t Lk = s.Lt + s.Lu;
     const int key0 = text_grads ? 0 : static_cast<int>(s.Lt);
-    const int warps = pick_warps([&](int w) { return bwd_smem_floats(Lk, Lk - key0, s.D, w); },
+    const int elem = elem_size(q.scalar_type());
+    const int warps = pick_warps([&](int w) { return bwd_smem_bytes(Lk, Lk - key0, s.D, w, elem); },
                                  max_smem_optin(q.get_device()), s, "backward");
-    const int64_t smem = bwd_smem_floats(Lk, Lk - key0, s.D, warps) * sizeof(float);
+    const int64_t smem = bwd_smem_bytes(Lk, Lk - key0, s.D, warps, elem);
     BwdParams p{s, static_cast<float>(softmax_scale), t4(q), t4(k_text), t4(v_text), t4(k_user), t4(v_user),
                 t4(grad_out), us.const_data_ptr<float>(), lt.const_data_ptr<float>(), lu.const_data_ptr<float>(),
                 dq.mutable_data_ptr(), strides_of(dq),
