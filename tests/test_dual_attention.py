@@ -317,3 +317,75 @@ def test_cuda_shared_memory_mirror_stages_kv_in_the_input_dtype():
         assert _cuda_smem_bytes(77, 4, d, text_grads, True, 2) == want
     for d, stride in ((40, 42), (64, 66), (80, 82), (7, 10), (2, 2)):  # 16-bit: smallest S >= D, S = 2 (mod 4)
         assert _cuda_smem_bytes(1, 1, d, False, False, 2) == a16(2 * 2 * stride * 2) + 4 * 2 * 4 * (d + 2)
+
+
+def frozen_text_grads(fn, inputs, grad_out):
+    """Gradients as training takes them: text K/V frozen (no grad, so the kernel runs with
+    text_grads=False and skips the text dk/dv), q, user K/V and user_scale trainable."""
+    q, kt, vt, ku, vu, us = inputs
+    leaves = [x.detach().clone().requires_grad_() for x in (q, ku, vu, us)]
+    out = fn(leaves[0], kt, vt, leaves[1], leaves[2], leaves[3])
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_text_kv_backward_matches_float64(device, dtype):
+    """The path training uses (text_grads=False): dq, dk_user, dv_user, d user_scale against float64;
+    fp32 to 2e-5 relative, bf16 within twice PyTorch's own error."""
+    inputs = make_inputs(4, 1, 3, 203, 77, 4, 40, dtype=dtype, device=device)
+    assert not inputs[1].requires_grad and dual_attention_supported(inputs[0], inputs[1], inputs[3])
+    go = torch.randn_like(inputs[0])
+    out, grads = frozen_text_grads(dual_cross_attention, inputs, go)
+    torch_lp, torch_grads = frozen_text_grads(reference.dual_cross_attention_reference, inputs, go)
+    ref, ref_grads = frozen_text_grads(ref64, inputs, go)
+    for name, g, t, r in zip(("q", "k_user", "v_user", "user_scale"), grads, torch_grads, ref_grads):
+        if dtype == torch.float32:
+            bound = 2e-5 * max(1.0, r.abs().max().item())
+        else:
+            bound = 2 * max_err(t, r) + torch.finfo(dtype).eps * r.abs().max().item()
+        assert max_err(g, r) <= bound, f"grad {name}: {max_err(g, r)} > {bound}"
+
+
+def cuda_rows_per_block(batch, heads, lq, warps, sms, rows_per_warp=4):
+    """csrc/cuda/dual_attention.cu's pick_rows: 4 row groups per warp, halved while the grid would
+    leave SMs idle (fewer than 2 blocks per SM)."""
+    rows = warps * rows_per_warp * 4
+    while rows > warps * rows_per_warp and batch * heads * -(-lq // rows) < 2 * sms:
+        rows //= 2
+    return rows
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("text_grads", [False, True])
+def test_cuda_backward_with_several_row_groups_per_warp(text_grads):
+    """Enough query tiles that the kernel keeps 4 row groups per warp (all warps stepping together
+    through the block's rows, the last step with idle warps and a partial group), so the dk/dv
+    accumulation across steps is exercised; fp32 against float64."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch, heads, warps = 2, 8, 8  # D=40, 81 keys: 8 warps' shared memory fits on every GPU since sm_70
+    lq = 128 * -(-2 * sms // (batch * heads)) + 37
+    assert cuda_rows_per_block(batch, heads, lq, warps, sms) == 128
+    inputs = make_inputs(batch, 1, heads, lq, 77, 4, 40, device="cuda")
+    go = torch.randn_like(inputs[0])
+    if text_grads:
+        out, grads = grads_of(dual_cross_attention, inputs, go)
+        _, ref_grads = grads_of(ref64, inputs, go)
+        names = ("q", "k_text", "v_text", "k_user", "v_user", "user_scale")
+    else:
+        out, grads = frozen_text_grads(dual_cross_attention, inputs, go)
+        _, ref_grads = frozen_text_grads(ref64, inputs, go)
+        names = ("q", "k_user", "v_user", "user_scale")
+    for name, g, r in zip(names, grads, ref_grads):
+        tol = 2e-5 * max(1.0, r.abs().max().item())
+        assert max_err(g, r) < tol, f"grad {name}: {max_err(g, r)} >= {tol}"
+
+
+def test_cuda_rows_per_block_mirror_keeps_four_groups_per_warp_at_test_size():
+    """The premise of the CUDA several-row-groups test, checked where it can run: at that size the
+    launch heuristic keeps 4 row groups per warp on GPUs from 80 to 160 SMs."""
+    for sms in (80, 108, 132, 148, 160):
+        lq = 128 * -(-2 * sms // 16) + 37
+        assert cuda_rows_per_block(2, 8, lq, 8, sms) == 128
+        assert cuda_rows_per_block(1, 1, 4095, 8, sms) == 32  # the existing long test: one group per warp

@@ -13,10 +13,14 @@
 //            with the user probabilities pre-multiplied by user_scale[b].
 // Backward recomputes P from the saved log-sum-exps; the softmax correction rowsum(dO * O_seg) is
 // sum_j P_j dP_j over the segment, computed from dP = dO v^T which the gradient needs anyway. dq is
-// written per row; dk/dv of the accumulated keys (user keys, plus text keys when text_grads) are
-// summed over the block's queries in shared memory, then added to fp32 global accumulators with one
-// atomicAdd per element per block. The order of those atomics is not fixed, so dk/dv are
-// reproducible only to fp32 rounding.
+// written per row. dk/dv of the accumulated keys (user keys, plus text keys when text_grads) are
+// summed over the block's queries without shared-memory atomics: all warps step through their row
+// groups together, and after each step every thread owns distinct (key, d) entries of the block's
+// fp32 dk/dv tile and adds the products of all warps' rows to them in a fixed order (a float
+// atomicAdd to shared memory from 8 warps on the same addresses serialises, and per-warp copies of
+// the tile do not fit beside 81 text keys). Each block then adds its tile to fp32 global
+// accumulators with one atomicAdd per element; the order of those atomics across blocks is not
+// fixed, so dk/dv are reproducible only to fp32 rounding.
 //
 // Batch and heads are grid.z and grid.y (at most 65535 each): larger ones are launched in chunks
 // with the chunk's first batch/head passed to the kernel.
@@ -261,14 +265,16 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
   const int key0 = p.key0, Lacc = Lk - key0;
   const int S = kv_stride(D, sizeof(T)), SF = smem_stride(D);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int per_warp = kRows * (2 * D + 2 * Lk);
   T* ks = reinterpret_cast<T*>(smem);
   T* vs = ks + Lk * S;
-  float* dks = smem + kv_smem_bytes(Lk, D, sizeof(T)) / 4;        // Lacc x SF
-  float* dvs = dks + Lacc * SF;                                   // Lacc x SF
-  float* qs = dvs + Lacc * SF + warp * kRows * (2 * D + 2 * Lk);  // kRows x D: q * scale
-  float* gs = qs + kRows * D;                                     // kRows x D: grad_out
-  float* ps = gs + kRows * D;                                     // kRows x Lk: P' (user x scale)
-  float* dss = ps + kRows * Lk;                                   // kRows x Lk: dP, then dS
+  float* dks = smem + kv_smem_bytes(Lk, D, sizeof(T)) / 4;  // Lacc x SF
+  float* dvs = dks + Lacc * SF;                             // Lacc x SF
+  float* wbuf = dvs + Lacc * SF;                            // per-warp buffers, per_warp floats each
+  float* qs = wbuf + warp * per_warp;                       // kRows x D: q * scale
+  float* gs = qs + kRows * D;                               // kRows x D: grad_out
+  float* ps = gs + kRows * D;                               // kRows x Lk: P' (user x scale)
+  float* dss = ps + kRows * Lk;                             // kRows x Lk: dP, then dS
   stage_keys<T>(p.kt, p.ku, s, b, bt, h, ks, S);
   stage_keys<T>(p.vt, p.vu, s, b, bt, h, vs, S);
   for (int idx = threadIdx.x; idx < 2 * Lacc * SF; idx += blockDim.x) dks[idx] = 0.f;
@@ -279,109 +285,121 @@ __global__ void dual_attn_bwd_kernel(const BwdParams p) {
   const float us = p.user_scale[b];
   const int64_t row0 = int64_t(blockIdx.x) * p.rows_per_block;
   const int64_t row_end = imin64(s.Lq, row0 + p.rows_per_block);
+  const int group = warps * kRows;  // rows of one step of all warps
+  const int steps = static_cast<int>((row_end - row0 + group - 1) / group);
   T* dq = static_cast<T*>(p.dq);
   float dus = 0.f;  // this warp's share of d user_scale[b] (lane 0's copy is the one added)
-  for (int64_t g = row0 + int64_t(warp) * kRows; g < row_end; g += int64_t(warps) * kRows) {
-    const int n = static_cast<int>(imin64(kRows, row_end - g));
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      for (int d = lane; d < D; d += 32) {
-        qs[r * D + d] = r < n ? ld(qb, p.q.st, g + r, d) * p.scale : 0.f;
-        gs[r * D + d] = r < n ? ld(gb, p.go.st, g + r, d) : 0.f;
+  // Every warp runs every step (the __syncthreads below need all of them), idle once its rows run out.
+  for (int step = 0; step < steps; ++step) {
+    const int64_t g = row0 + int64_t(step) * group + int64_t(warp) * kRows;
+    const int n = static_cast<int>(imin64(kRows, row_end - g));  // <= 0: no rows for this warp
+    if (n > 0) {
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        for (int d = lane; d < D; d += 32) {
+          qs[r * D + d] = r < n ? ld(qb, p.q.st, g + r, d) * p.scale : 0.f;
+          gs[r * D + d] = r < n ? ld(gb, p.go.st, g + r, d) : 0.f;
+        }
       }
-    }
-    float lt[kRows], lu[kRows];
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t i = (b * s.H + h) * s.Lq + g + (r < n ? r : 0);
-      lt[r] = p.lse_t[i];
-      lu[r] = p.lse_u[i];
-    }
-    __syncwarp();
+      float lt[kRows], lu[kRows];
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t i = (b * s.H + h) * s.Lq + g + (r < n ? r : 0);
+        lt[r] = p.lse_t[i];
+        lu[r] = p.lse_u[i];
+      }
+      __syncwarp();
 
-    float dt[kRows] = {}, du[kRows] = {};
-    for (int j = lane; j < Lk; j += 32) {
-      float sc[kRows] = {}, dp[kRows] = {};
-      const T* kr = ks + j * S;
-      const T* vr = vs + j * S;
-      for (int d = 0; d < D; ++d) {
-        const float kv = static_cast<float>(kr[d]), vv = static_cast<float>(vr[d]);
+      float dt[kRows] = {}, du[kRows] = {};
+      for (int j = lane; j < Lk; j += 32) {
+        float sc[kRows] = {}, dp[kRows] = {};
+        const T* kr = ks + j * S;
+        const T* vr = vs + j * S;
+        for (int d = 0; d < D; ++d) {
+          const float kv = static_cast<float>(kr[d]), vv = static_cast<float>(vr[d]);
+          #pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            sc[r] = fmaf(qs[r * D + d], kv, sc[r]);
+            dp[r] = fmaf(gs[r * D + d], vv, dp[r]);
+          }
+        }
+        const bool text = j < Lt;
         #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          sc[r] = fmaf(qs[r * D + d], kv, sc[r]);
-          dp[r] = fmaf(gs[r * D + d], vv, dp[r]);
+          const float pr = r < n ? __expf(sc[r] - (text ? lt[r] : lu[r])) : 0.f;
+          ps[r * Lk + j] = pr;
+          dss[r * Lk + j] = dp[r];
+          if (text) dt[r] += pr * dp[r];
+          else du[r] += pr * dp[r];
         }
       }
-      const bool text = j < Lt;
       #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const float pr = r < n ? __expf(sc[r] - (text ? lt[r] : lu[r])) : 0.f;
-        ps[r * Lk + j] = pr;
-        dss[r * Lk + j] = dp[r];
-        if (text) dt[r] += pr * dp[r];
-        else du[r] += pr * dp[r];
+        dt[r] = warp_sum(dt[r]);
+        du[r] = warp_sum(du[r]);
+        dus += du[r];  // zero for padding rows (their P is 0)
       }
-    }
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      dt[r] = warp_sum(dt[r]);
-      du[r] = warp_sum(du[r]);
-      dus += du[r];  // zero for padding rows (their P is 0)
-    }
-    for (int j = lane; j < Lk; j += 32) {
-      #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float pr = ps[r * Lk + j], dp = dss[r * Lk + j];
-        if (j < Lt) {
-          dss[r * Lk + j] = pr * (dp - dt[r]);
-        } else {
-          dss[r * Lk + j] = us * pr * (dp - du[r]);
-          ps[r * Lk + j] = us * pr;
-        }
-      }
-    }
-    __syncwarp();
-
-    float acc[kRows][NV] = {};
-    for (int j = 0; j < Lk; ++j) {
-      const T* kr = ks + j * S;
-      float kv[NV];
-      #pragma unroll
-      for (int t = 0; t < NV; ++t) kv[t] = (lane + 32 * t < D) ? static_cast<float>(kr[lane + 32 * t]) : 0.f;
-      #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float ds = dss[r * Lk + j];
+      for (int j = lane; j < Lk; j += 32) {
         #pragma unroll
-        for (int t = 0; t < NV; ++t) acc[r][t] = fmaf(ds, kv[t], acc[r][t]);
-      }
-    }
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      #pragma unroll
-      for (int t = 0; t < NV; ++t) {
-        const int d = lane + 32 * t;
-        if (r < n && d < D) dq[b * p.sdq.b + h * p.sdq.h + (g + r) * p.sdq.l + d * p.sdq.d] = static_cast<T>(acc[r][t] * p.scale);
-      }
-    }
-    // dk_j += dS_rj (scale q_r), dv_j += P'_rj dO_r; other warps add to the same rows, hence atomics.
-    for (int j = key0; j < Lk; ++j) {
-      #pragma unroll
-      for (int t = 0; t < NV; ++t) {
-        const int d = lane + 32 * t;
-        if (d >= D) continue;
-        float ak = 0.f, av = 0.f;
-        for (int r = 0; r < n; ++r) {
-          ak = fmaf(dss[r * Lk + j], qs[r * D + d], ak);
-          av = fmaf(ps[r * Lk + j], gs[r * D + d], av);
+        for (int r = 0; r < kRows; ++r) {
+          const float pr = ps[r * Lk + j], dp = dss[r * Lk + j];
+          if (j < Lt) {
+            dss[r * Lk + j] = pr * (dp - dt[r]);
+          } else {
+            dss[r * Lk + j] = us * pr * (dp - du[r]);
+            ps[r * Lk + j] = us * pr;
+          }
         }
-        atomicAdd(dks + (j - key0) * SF + d, ak);
-        atomicAdd(dvs + (j - key0) * SF + d, av);
       }
+      __syncwarp();
+
+      float acc[kRows][NV] = {};
+      for (int j = 0; j < Lk; ++j) {
+        const T* kr = ks + j * S;
+        float kv[NV];
+        #pragma unroll
+        for (int t = 0; t < NV; ++t) kv[t] = (lane + 32 * t < D) ? static_cast<float>(kr[lane + 32 * t]) : 0.f;
+        #pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const float ds = dss[r * Lk + j];
+          #pragma unroll
+          for (int t = 0; t < NV; ++t) acc[r][t] = fmaf(ds, kv[t], acc[r][t]);
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        #pragma unroll
+        for (int t = 0; t < NV; ++t) {
+          const int d = lane + 32 * t;
+          if (r < n && d < D) dq[b * p.sdq.b + h * p.sdq.h + (g + r) * p.sdq.l + d * p.sdq.d] = static_cast<T>(acc[r][t] * p.scale);
+        }
+      }
+    }  // n > 0
+    __syncthreads();  // every warp's qs / gs / ps / dss of this step are written
+    // dk_j += sum_r dS_rj (scale q_r), dv_j += sum_r P'_rj dO_r over the rows of the warps that had
+    // rows this step (padding rows of the last one are zero); each (j, d) has one owner thread.
+    const int64_t left = row_end - (row0 + int64_t(step) * group);
+    const int active = static_cast<int>(imin64(warps, (left + kRows - 1) / kRows));
+    for (int idx = threadIdx.x; idx < Lacc * D; idx += blockDim.x) {
+      const int jj = idx / D, d = idx - jj * D, j = jj + key0;
+      float ak = 0.f, av = 0.f;
+      for (int w = 0; w < active; ++w) {
+        const float* wq = wbuf + w * per_warp;
+        const float* wg = wq + kRows * D;
+        const float* wp = wg + kRows * D;
+        const float* wd = wp + kRows * Lk;
+        #pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          ak = fmaf(wd[r * Lk + j], wq[r * D + d], ak);
+          av = fmaf(wp[r * Lk + j], wg[r * D + d], av);
+        }
+      }
+      dks[jj * SF + d] += ak;
+      dvs[jj * SF + d] += av;
     }
-    __syncwarp();  // qs / gs / ps / dss are rewritten by the next row group
+    __syncthreads();  // the per-warp buffers are rewritten by the next step
   }
   if (lane == 0 && dus != 0.f) atomicAdd(p.d_user_scale + b, dus);
-  __syncthreads();
   for (int idx = threadIdx.x; idx < Lacc * D; idx += blockDim.x) {
     const int jj = idx / D, d = idx - jj * D, j = jj + key0;
     const float gk = dks[jj * SF + d], gv = dvs[jj * SF + d];
