@@ -45,8 +45,12 @@ def combine(outputs, coefs):
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+# Per-sample sizes: 252 (a multiple of 4, not 8), 5 and 36963 (odd) take the CUDA kernel's scalar
+# path for 16-bit dtypes; 320 and 5120 (multiples of 8) its 16-byte vector path in every dtype, 5120
+# split over several chunks per row with a partial last chunk.
 @pytest.mark.parametrize("num_pairs,inner,beta", [(1, (4, 7, 9), 50.0), (3, (4, 7, 9), 5000.0), (8, (4, 7, 9), 50.0),
-                                                  (3, (5,), 20.0), (2, (3, 111, 111), 2000.0)])
+                                                  (3, (5,), 20.0), (2, (3, 111, 111), 2000.0),
+                                                  (2, (4, 8, 10), 50.0), (2, (4, 32, 40), 500.0)])
 def test_dpo_forward_backward_matches_reference(device, dtype, num_pairs, inner, beta):
     model, ref, target = make_inputs(num_pairs, inner, dtype, device)
     weight = torch.rand(num_pairs, device=device) + 0.5
