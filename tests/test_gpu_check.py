@@ -16,7 +16,9 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 TEXT = open(SCRIPT).read()
 CODE = "\n".join(line for line in TEXT.splitlines() if not line.lstrip().startswith("#"))
 
-# Importable on this machine, absent on the GPU image (docs: DESIGN.md "The GPU image").
+# Importable on this machine; diffusers and bitsandbytes are absent on the GPU image (the device
+# tool's KINDS.md lists the image's packages), the others are blocked too because the kernel tests
+# and the correctness script should need nothing but torch and pytest.
 ABSENT_ON_GPU_IMAGE = ("diffusers", "transformers", "bitsandbytes", "accelerate", "safetensors", "tqdm", "yaml",
                        "pyarrow", "PIL", "numpy", "tokenizers", "open_clip", "tensorboard")
 
