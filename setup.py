@@ -2,7 +2,9 @@
 and nvcc is found (PPD_SKIP_CUDA=1 turns them off for fast local iteration).
 
 Environment knobs: PPD_SKIP_CUDA=1, DEBUG=1 (debug info, no -O3), MAX_JOBS (ninja parallelism),
-TORCH_CUDA_ARCH_LIST (defaults to "8.0;9.0" when no GPU is visible), CUDA_HOME.
+TORCH_CUDA_ARCH_LIST (defaults to the visible GPU's capability, or "8.0;9.0" when none is visible,
+with "+PTX" on the newest entry so a newer GPU JIT-compiles the embedded PTX instead of failing with
+"no kernel image is available"; an explicit TORCH_CUDA_ARCH_LIST is used as given), CUDA_HOME.
 """
 import glob
 import os
@@ -72,9 +74,9 @@ use_cuda = (not skip_cuda) and torch.version.cuda is not None and cuda_home is n
 if use_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}+PTX"
     else:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) if use_cuda else []

@@ -17,7 +17,6 @@ import argparse
 import math
 
 import torch
-from tqdm import tqdm
 
 from bench.common import markdown_table, measure, row, write_rows
 from ppd_engine.ops import reference
@@ -93,6 +92,8 @@ def main(argv=None):
     layers = [spec for spec in LAYERS if args.layers is None or spec[0] in args.layers]
     if args.quick:
         layers = [(n, h // 2 if n.startswith("sdxl") else h, lq, d) for n, h, lq, d in layers]
+
+    from tqdm import tqdm  # here, not at the top: bench/gpu_correctness.py imports LAYERS without tqdm
 
     rows, skipped = [], []
     cases = [(spec, backward) for spec in layers for backward in (False, True)]

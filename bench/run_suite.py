@@ -1,7 +1,10 @@
 """Runs the benchmark suite on one device and prints one summary table at the end.
 
     python -m bench.run_suite --device cpu            # what `make bench` runs (CPU sizes)
-    python -m bench.run_suite --device cuda --out D   # what bench/gpu_check.sh runs (GPU sizes)
+    python -m bench.run_suite --device cuda --out D   # every benchmark at GPU sizes (logs per benchmark)
+    python -m bench.run_suite --summarize D           # only the tables of the JSON rows in D
+                                                      # (bench/gpu_check.sh runs the benchmarks itself,
+                                                      # under its own timeouts, and then this)
 
 Each benchmark is its own process (a crash or a timeout in one does not lose the others) and writes
 JSON rows into the output folder; the summary is rebuilt from those rows, so it shows exactly what
@@ -35,11 +38,21 @@ def summarize(outdir: str) -> str:
 
     parts = []
     for path in sorted(glob.glob(os.path.join(outdir, "*.jsonl"))):
-        rows = []
+        rows, checks = [], []
         with open(path) as f:
             for line in f:
                 if line.strip():
-                    rows.append(Row(**json.loads(line)))
+                    d = json.loads(line)
+                    # bench/gpu_correctness.py's rows (check/ok) are not timing rows.
+                    (checks if "check" in d and "ok" in d else rows).append(d)
+        if checks:
+            bad = [c for c in checks if not c["ok"]]
+            parts.append(f"### {os.path.basename(path)}: {len(checks) - len(bad)}/{len(checks)} correctness "
+                         "checks within bounds\n")
+            parts += [f"- FAILED {c['check']} {c['case']} {c['dtype']} {c['tensor']}: err {c['err']:.3e} > "
+                      f"bound {c['bound']:.3e} {c.get('note', '')}" for c in bad[:20]]
+            parts.append("")
+        rows = [Row(**d) for d in rows]
         if not rows:
             continue
         providers = [r.provider for r in rows]
@@ -56,8 +69,13 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the suite")
     ap.add_argument("--out", default=None, help="folder for JSON rows, logs and summary.md "
                     "(default: bench/results/<device>)")
+    ap.add_argument("--summarize", metavar="DIR", default=None,
+                    help="print the tables of the JSON rows already in DIR and exit (runs nothing)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these benchmark modules (e.g. bench_dpo_loss)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(os.path.abspath(args.summarize)))
+        return 0
 
     outdir = os.path.abspath(args.out or os.path.join(HERE, "results", args.device))
     os.makedirs(outdir, exist_ok=True)

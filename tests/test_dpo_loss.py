@@ -45,8 +45,12 @@ def combine(outputs, coefs):
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+# Per-sample sizes: 252 (a multiple of 4, not 8), 5 and 36963 (odd) take the CUDA kernel's scalar
+# path for 16-bit dtypes; 320 and 5120 (multiples of 8) its 16-byte vector path in every dtype, 5120
+# split over several chunks per row with a partial last chunk.
 @pytest.mark.parametrize("num_pairs,inner,beta", [(1, (4, 7, 9), 50.0), (3, (4, 7, 9), 5000.0), (8, (4, 7, 9), 50.0),
-                                                  (3, (5,), 20.0), (2, (3, 111, 111), 2000.0)])
+                                                  (3, (5,), 20.0), (2, (3, 111, 111), 2000.0),
+                                                  (2, (4, 8, 10), 50.0), (2, (4, 32, 40), 500.0)])
 def test_dpo_forward_backward_matches_reference(device, dtype, num_pairs, inner, beta):
     model, ref, target = make_inputs(num_pairs, inner, dtype, device)
     weight = torch.rand(num_pairs, device=device) + 0.5
@@ -277,3 +281,21 @@ def test_cpu_kernel_multithreaded_matches_reference(threads):
         torch.testing.assert_close(m.grad.double(), m64.grad, rtol=1e-4, atol=1e-9)
     finally:
         torch.set_num_threads(saved)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_samples_than_cuda_grid_y(device):
+    """2B = 65538 samples (over CUDA's 65535 limit of grid.y, which the rows used to occupy): the CUDA
+    kernels put rows on grid.x; every output and the gradient match the float64 reference."""
+    model, ref, target = make_inputs(32769, (5,), torch.float32, device)
+    m = model.clone().requires_grad_()
+    loss, inside, model_mse, ref_mse = dpo_loss(m, ref, target, beta=20.0)
+    loss.backward()
+    m64 = model.double().requires_grad_()
+    e_loss, e_inside, e_model, e_ref = R.dpo_loss_reference(m64, ref.double(), target.double(), None, 20.0)
+    e_loss.backward()
+    for got, want in ((loss, e_loss), (inside, e_inside), (model_mse, e_model), (ref_mse, e_ref), (m.grad, m64.grad)):
+        assert (got.double() - want.detach()).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    mse, _ = paired_mse(model, None, target)
+    assert mse.shape == (65538,) and (mse.double() - e_model.detach()).abs().max().item() < 1e-6

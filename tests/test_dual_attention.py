@@ -254,3 +254,138 @@ def test_cpu_kernel_multithreaded_matches_float64(threads):
             assert max_err(g, r) < 2e-5 * max(1.0, r.abs().max().item()), f"grad {name}"
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,heads", [(0, 2), (2, 0)])
+def test_empty_batch_or_heads_forward_and_backward(device, batch, heads):
+    """B = 0 or H = 0 launches nothing (a zero grid dimension is an invalid CUDA launch) and returns
+    empty gradients of the right shapes."""
+    q = torch.randn(batch, heads, 5, 16, device=device, requires_grad=True)
+    kt = torch.randn(1, heads, 3, 16, device=device, requires_grad=True)
+    vt = torch.randn(1, heads, 3, 16, device=device)
+    ku = torch.randn(batch, heads, 2, 16, device=device, requires_grad=True)
+    vu = torch.randn(batch, heads, 2, 16, device=device, requires_grad=True)
+    us = torch.ones(batch, device=device, requires_grad=True)
+    out = dual_cross_attention(q, kt, vt, ku, vu, us)
+    assert out.shape == q.shape
+    out.sum().backward()
+    for x in (q, kt, ku, vu, us):
+        assert x.grad.shape == x.shape and torch.count_nonzero(x.grad) == 0
+    if HAS_CPU_KERNEL or device == "cuda":  # the raw backward op, text gradients off and on
+        o, lt, lu = torch.ops.ppd.dual_cross_attention(q.detach(), kt.detach(), vt, ku.detach(), vu.detach(),
+                                                       us.detach(), 0.25)
+        for text_grads in (False, True):
+            grads = torch.ops.ppd.dual_cross_attention_backward(torch.zeros_like(o), q.detach(), kt.detach(), vt,
+                                                                ku.detach(), vu.detach(), us.detach(), lt, lu, 0.25,
+                                                                text_grads)
+            assert grads[0].shape == q.shape and grads[3].shape == ku.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,heads", [(65537, 1), (1, 65537)])
+def test_batch_or_heads_past_the_cuda_grid_limit(device, batch, heads):
+    """More than 65535 batches or heads (CUDA's grid.y / grid.z limit) are launched in chunks, not
+    refused: the rows past the first chunk get the same answer as the reference."""
+    q, kt, vt, ku, vu, us = make_inputs(batch, 1, heads, 2, 3, 2, 4, device=device, diffusers_layout=False)
+    kt.requires_grad_()
+    go = torch.randn_like(q)
+    out, grads = grads_of(dual_cross_attention, (q, kt, vt, ku, vu, us), go)
+    ref, ref_grads = grads_of(ref64, (q, kt, vt, ku, vu, us), go)
+    assert max_err(out, ref) < 2e-5 * max(1.0, ref.abs().max().item())
+    assert max_err(out[-3:], ref[-3:]) < 2e-5 * max(1.0, ref.abs().max().item())
+    for name, g, r in zip(("q", "k_text", "v_text", "k_user", "v_user", "user_scale"), grads, ref_grads):
+        assert max_err(g, r) < 5e-5 * max(1.0, r.abs().max().item()), f"grad {name}"
+
+
+def test_cuda_shared_memory_mirror_stages_kv_in_the_input_dtype():
+    """ppd_engine.ops.dual_attention mirrors the CUDA kernel's shared-memory formulas (it decides when
+    the kernel takes the inputs). K/V tiles are in the input dtype: 16-bit inputs halve them, with a
+    row stride of 2 mod 4 elements (an odd number of 4-byte words, so column reads are conflict-free)."""
+    from ppd_engine.ops.dual_attention import _cuda_smem_bytes
+
+    def a16(n):  # the K/V tiles' bytes are rounded up to 16 so the fp32 part stays aligned
+        return (n + 15) // 16 * 16
+
+    lk, d = 81, 160
+    per_warp_fwd = 4 * (d + lk)  # kRows x (D + Lk) floats
+    assert _cuda_smem_bytes(77, 4, d, False, False, 4) == a16(2 * lk * 161 * 4) + 4 * 2 * per_warp_fwd
+    assert _cuda_smem_bytes(77, 4, d, False, False, 2) == a16(2 * lk * 162 * 2) + 4 * 2 * per_warp_fwd
+    per_warp_bwd = 4 * (2 * d + 2 * lk)
+    for text_grads, lacc in ((False, 4), (True, lk)):
+        want = a16(2 * lk * 162 * 2) + 4 * (2 * lacc * 161 + 2 * per_warp_bwd)
+        assert _cuda_smem_bytes(77, 4, d, text_grads, True, 2) == want
+    for d, stride in ((40, 42), (64, 66), (80, 82), (7, 10), (2, 2)):  # 16-bit: smallest S >= D, S = 2 (mod 4)
+        assert _cuda_smem_bytes(1, 1, d, False, False, 2) == a16(2 * 2 * stride * 2) + 4 * 2 * 4 * (d + 2)
+
+
+def frozen_text_grads(fn, inputs, grad_out):
+    """Gradients as training takes them: text K/V frozen (no grad, so the kernel runs with
+    text_grads=False and skips the text dk/dv), q, user K/V and user_scale trainable."""
+    q, kt, vt, ku, vu, us = inputs
+    leaves = [x.detach().clone().requires_grad_() for x in (q, ku, vu, us)]
+    out = fn(leaves[0], kt, vt, leaves[1], leaves[2], leaves[3])
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_text_kv_backward_matches_float64(device, dtype):
+    """The path training uses (text_grads=False): dq, dk_user, dv_user, d user_scale against float64;
+    fp32 to 2e-5 relative, bf16 within twice PyTorch's own error."""
+    inputs = make_inputs(4, 1, 3, 203, 77, 4, 40, dtype=dtype, device=device)
+    assert not inputs[1].requires_grad and dual_attention_supported(inputs[0], inputs[1], inputs[3])
+    go = torch.randn_like(inputs[0])
+    out, grads = frozen_text_grads(dual_cross_attention, inputs, go)
+    torch_lp, torch_grads = frozen_text_grads(reference.dual_cross_attention_reference, inputs, go)
+    ref, ref_grads = frozen_text_grads(ref64, inputs, go)
+    for name, g, t, r in zip(("q", "k_user", "v_user", "user_scale"), grads, torch_grads, ref_grads):
+        if dtype == torch.float32:
+            bound = 2e-5 * max(1.0, r.abs().max().item())
+        else:
+            bound = 2 * max_err(t, r) + torch.finfo(dtype).eps * r.abs().max().item()
+        assert max_err(g, r) <= bound, f"grad {name}: {max_err(g, r)} > {bound}"
+
+
+def cuda_rows_per_block(batch, heads, lq, warps, sms, rows_per_warp=4):
+    """csrc/cuda/dual_attention.cu's pick_rows: 4 row groups per warp, halved while the grid would
+    leave SMs idle (fewer than 2 blocks per SM)."""
+    rows = warps * rows_per_warp * 4
+    while rows > warps * rows_per_warp and batch * heads * -(-lq // rows) < 2 * sms:
+        rows //= 2
+    return rows
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("text_grads", [False, True])
+def test_cuda_backward_with_several_row_groups_per_warp(text_grads):
+    """Enough query tiles that the kernel keeps 4 row groups per warp (all warps stepping together
+    through the block's rows, the last step with idle warps and a partial group), so the dk/dv
+    accumulation across steps is exercised; fp32 against float64."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch, heads, warps = 2, 8, 8  # D=40, 81 keys: 8 warps' shared memory fits on every GPU since sm_70
+    lq = 128 * -(-2 * sms // (batch * heads)) + 37
+    assert cuda_rows_per_block(batch, heads, lq, warps, sms) == 128
+    inputs = make_inputs(batch, 1, heads, lq, 77, 4, 40, device="cuda")
+    go = torch.randn_like(inputs[0])
+    if text_grads:
+        out, grads = grads_of(dual_cross_attention, inputs, go)
+        _, ref_grads = grads_of(ref64, inputs, go)
+        names = ("q", "k_text", "v_text", "k_user", "v_user", "user_scale")
+    else:
+        out, grads = frozen_text_grads(dual_cross_attention, inputs, go)
+        _, ref_grads = frozen_text_grads(ref64, inputs, go)
+        names = ("q", "k_user", "v_user", "user_scale")
+    for name, g, r in zip(names, grads, ref_grads):
+        tol = 2e-5 * max(1.0, r.abs().max().item())
+        assert max_err(g, r) < tol, f"grad {name}: {max_err(g, r)} >= {tol}"
+
+
+def test_cuda_rows_per_block_mirror_keeps_four_groups_per_warp_at_test_size():
+    """The premise of the CUDA several-row-groups test, checked where it can run: at that size the
+    launch heuristic keeps 4 row groups per warp on GPUs from 80 to 160 SMs."""
+    for sms in (80, 108, 132, 148, 160):
+        lq = 128 * -(-2 * sms // 16) + 37
+        assert cuda_rows_per_block(2, 8, lq, 8, sms) == 128
+        assert cuda_rows_per_block(1, 1, 4095, 8, sms) == 32  # the existing long test: one group per warp

@@ -1,14 +1,16 @@
 // CUDA kernels of the ε-MSE / Diffusion-DPO ops (schemas in csrc/registration.cpp).
 //
 // Forward, two stages (deterministic: no float atomics):
-//   1. sumsq_kernel, grid (chunks, rows): each block reads one chunk of a row of model_pred, ref_pred
+//   1. sumsq_kernel, grid (rows, chunks): each block reads one chunk of a row of model_pred, ref_pred
 //      and target once with 16-byte vector loads, squares the differences in double (sq_diff), sums
 //      them per thread in double and reduces the block (warp shuffles) into one double partial per (row, chunk).
 //   2. finalize_kernel, one block: adds each row's partials in chunk order, writes the MSEs (float64 for
 //      paired_mse, so the losses built on them get the full sums; fp32 for DPO) and, for DPO, `inside`
 //      and the mean softplus loss.
-// Backward: scaled_diff_kernel, grid (chunks, rows), one elementwise pass; every thread derives its
+// Backward: scaled_diff_kernel, grid (rows, chunks), one elementwise pass; every thread derives its
 // row's coefficient from `inside` (a few cached loads) so no extra launch is needed.
+// Rows are grid.x (up to 2^31 - 1 samples per call), chunks grid.y (capped at 65535, CUDA's limit;
+// a chunk of any length is looped over by its block).
 // Double accumulation: the DPO logit multiplies MSE differences by beta/2 (2500 for SD1.5); per-thread
 // double sums cost one conversion and one add per element, far below the memory time.
 #include <ATen/core/Tensor.h>
@@ -53,7 +55,7 @@ template <typename T, int VEC, bool HAS_REF>
 __global__ void __launch_bounds__(kThreads) sumsq_kernel(const T* __restrict__ m, const T* __restrict__ r,
                                                          const T* __restrict__ t, int64_t d, int64_t chunk,
                                                          double* __restrict__ partial) {
-  const int64_t row = blockIdx.y, c = blockIdx.x;
+  const int64_t row = blockIdx.x, c = blockIdx.y;
   const int64_t begin = c * chunk;
   const int64_t end = std::min(d, begin + chunk);
   const int64_t base = row * d;
@@ -79,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) sumsq_kernel(const T* __restrict__ m
   __syncthreads();
   if constexpr (HAS_REF) sb = block_sum(sb, shared);
   if (threadIdx.x == 0) {
-    const int64_t idx = (row * gridDim.x + c) * 2;
+    const int64_t idx = (row * gridDim.y + c) * 2;
     partial[idx] = sa;
     partial[idx + 1] = sb;
   }
@@ -157,8 +159,8 @@ template <typename T, int VEC, bool DPO>
 __global__ void __launch_bounds__(kThreads) scaled_diff_kernel(const T* __restrict__ p, const T* __restrict__ t,
                                                                T* __restrict__ out, int64_t n, int64_t d,
                                                                int64_t chunk, CoefArgs args) {
-  const int64_t row = blockIdx.y;
-  const int64_t begin = blockIdx.x * chunk;
+  const int64_t row = blockIdx.x;
+  const int64_t begin = blockIdx.y * chunk;
   const int64_t end = std::min(d, begin + chunk);
   const int64_t base = row * d;
   const float k = row_coef<DPO>(args, row, n);
@@ -180,7 +182,7 @@ int64_t pick_chunk(int64_t n, int64_t d, int vec) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   const int64_t target_blocks = static_cast<int64_t>(sms) * 8;
-  const int64_t max_chunks = std::max<int64_t>(1, (d + kThreads * vec - 1) / (kThreads * vec));
+  const int64_t max_chunks = std::clamp<int64_t>((d + kThreads * vec - 1) / (kThreads * vec), 1, 65535);
   const int64_t chunks = std::clamp<int64_t>((target_blocks + n - 1) / n, 1, max_chunks);
   int64_t chunk = (d + chunks - 1) / chunks;
   chunk = (chunk + vec - 1) / vec * vec;
@@ -210,9 +212,8 @@ std::pair<at::Tensor, int64_t> launch_sumsq(const at::Tensor& m, const at::Tenso
     const int vec = vec_ok ? VEC : 1;
     const int64_t chunk = pick_chunk(dims.n, dims.d, vec);
     chunks = (dims.d + chunk - 1) / chunk;
-    TORCH_CHECK(dims.n <= 65535, "ppd: at most 65535 samples per call, got ", dims.n);
     partial = at::empty({dims.n * chunks * 2}, m.options().dtype(at::kDouble));
-    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(dims.n));
+    const dim3 grid(static_cast<unsigned>(dims.n), static_cast<unsigned>(chunks));
     const T* pm = m.const_data_ptr<T>();
     const T* pr = r != nullptr ? r->const_data_ptr<T>() : nullptr;
     const T* pt = t.const_data_ptr<T>();
@@ -234,14 +235,13 @@ at::Tensor launch_scaled_diff(const at::Tensor& pred, const at::Tensor& target, 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor p = pred.contiguous(), t = target.contiguous();
   at::Tensor out = at::empty(pred.sizes(), pred.options().memory_format(at::MemoryFormat::Contiguous));
-  TORCH_CHECK(dims.n <= 65535, "ppd: at most 65535 samples per call, got ", dims.n);
   dispatch_dtype(p.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     constexpr int VEC = 16 / sizeof(T);
     const bool vec_ok = dims.d % VEC == 0 && aligned16(p.const_data_ptr()) && aligned16(t.const_data_ptr()) &&
                         aligned16(out.data_ptr());
     const int64_t chunk = pick_chunk(dims.n, dims.d, vec_ok ? VEC : 1);
-    const dim3 grid(static_cast<unsigned>((dims.d + chunk - 1) / chunk), static_cast<unsigned>(dims.n));
+    const dim3 grid(static_cast<unsigned>(dims.n), static_cast<unsigned>((dims.d + chunk - 1) / chunk));
     if (vec_ok) {
       scaled_diff_kernel<T, VEC, DPO><<<grid, kThreads, 0, stream>>>(p.const_data_ptr<T>(), t.const_data_ptr<T>(),
                                                                      out.data_ptr<T>(), dims.n, dims.d, chunk, args);

@@ -15,7 +15,8 @@ log-ratio starts at 0); `to_k_ip` starts as a copy of the layer's `to_k` when sh
 Runtime inputs come from a `UserState` shared by all processors of one model (set by
 `user_conditioning`), not from `cross_attention_kwargs`, so the model's normal call is unchanged.
 
-With attention="fused"/"auto" and the user branch on, the text and user attention run as one
+With attention="fused" (or "auto" on a device where the fused op is the measured-faster choice, see
+`resolve_attention`) and the user branch on, the text and user attention run as one
 `ppd::dual_cross_attention` call (ppd_engine.ops.dual_attention) when it supports the inputs; it
 takes cached text K/V of Bt captions without copying them to the batch. Gate-0 rows then equal the
 base within the op's rounding (fp32: ~1e-6), not bit-for-bit; with the branch off (None / all-zero
@@ -33,6 +34,26 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("sdpa", "fused", "auto")
+
+# Device types on which attention="auto" takes the fused op. CUDA is not among them: estimated from
+# the code, the CUDA-core kernel is 3-5x slower than two SDPA calls (flash / cuDNN, tensor cores) at
+# SD1.5/SDXL shapes, and no GPU run has measured it (bench/RESULTS.md). Add "cuda" only together with
+# a recorded bench/gpu_check.sh output folder whose dual_attention rows show the fused op faster
+# forward+backward at those shapes.
+AUTO_FUSED_DEVICE_TYPES = frozenset({"cpu"})
+
+
+def resolve_attention(mode: str, device: torch.device | str) -> str:
+    """The attention path a processor takes for `mode` on `device`: "sdpa" or "fused".
+
+    "sdpa" and "fused" are taken as given (fused still falls back to SDPA for inputs the op does not
+    support); "auto" is "fused" on the device types in AUTO_FUSED_DEVICE_TYPES (CPU, where it was
+    measured faster) and "sdpa" elsewhere, CUDA included."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention={mode!r}; expected one of {ATTENTION_MODES}")
+    if mode == "auto":
+        return "fused" if torch.device(device).type in AUTO_FUSED_DEVICE_TYPES else "sdpa"
+    return mode
 
 
 _FUSED: dict = {}
@@ -139,8 +160,8 @@ class UserCrossAttnProcessor(nn.Module):
         v = v.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
         return k, v
 
-    def _fused(self):
-        if self.state.attention == "sdpa":
+    def _fused(self, device: torch.device):
+        if resolve_attention(self.state.attention, device) == "sdpa":
             return None
         fns, _ = _import_fused()
         return fns
@@ -200,7 +221,7 @@ class UserCrossAttnProcessor(nn.Module):
                                  f"of {batch_size}")
         rows = 0 if tokens is None else tokens.shape[0]
 
-        fused = self._fused() if rows and attention_mask is None else None
+        fused = self._fused(query.device) if rows and attention_mask is None else None
         if fused is not None:
             k_user, v_user = self._user_kv(attn, tokens, head_dim, query.dtype)
             gate = inputs.gate

@@ -52,15 +52,18 @@ _SMEM_OPTIN_BYTES = {(7, 0): 98304, (7, 2): 98304, (7, 5): 65536, (8, 0): 166912
 _DEFAULT_SMEM_BYTES = 49152
 
 
-def _cuda_smem_bytes(lt: int, lu: int, d: int, text_grads: bool, backward: bool) -> int:
+def _cuda_smem_bytes(lt: int, lu: int, d: int, text_grads: bool, backward: bool, itemsize: int = 4) -> int:
     """Shared memory of one CUDA block at the smallest warp count (the kernel picks more warps when
-    they fit): K and V tiles (and dk/dv accumulators in the backward) with an odd row stride, plus
-    per-warp row buffers."""
-    stride = d if d % 2 else d + 1
+    they fit), mirroring fwd_smem_bytes / bwd_smem_bytes in csrc/cuda/dual_attention.cu: K and V
+    tiles in the input dtype (`itemsize` bytes) with a bank-conflict-free row stride, then fp32 dk/dv
+    accumulators (backward) and per-warp row buffers."""
+    fp32_stride = d if d % 2 else d + 1
+    kv_stride = fp32_stride if itemsize == 4 else d + (2 - d) % 4  # 16-bit: stride = 2 (mod 4)
     lk = lt + lu
+    kv = (2 * lk * kv_stride * itemsize + 15) // 16 * 16
     per_warp = _CUDA_ROWS_PER_WARP * (2 * d + 2 * lk if backward else d + lk)
     lacc = (lk if text_grads else lu) if backward else 0
-    return 4 * ((2 * lk + 2 * lacc) * stride + _CUDA_MIN_WARPS * per_warp)
+    return kv + 4 * (2 * lacc * fp32_stride + _CUDA_MIN_WARPS * per_warp)
 
 
 def _cuda_smem_limit(device: torch.device) -> int:
@@ -81,7 +84,8 @@ def _kernel_handles(q: Tensor, k_text: Tensor, k_user: Tensor, text_grads: bool)
     if q.device.type == "cuda":
         if d > _CUDA_MAX_HEAD_DIM:
             return False
-        need = max(_cuda_smem_bytes(lt, lu, d, False, False), _cuda_smem_bytes(lt, lu, d, text_grads, True))
+        size = q.element_size()
+        need = max(_cuda_smem_bytes(lt, lu, d, False, False, size), _cuda_smem_bytes(lt, lu, d, text_grads, True, size))
         return need <= _cuda_smem_limit(q.device)
     return True
 
