@@ -200,12 +200,16 @@ class LocalShardParams:
 
 
 def local_grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """Sum of squared gradient entries this rank holds (fp32; 0-dim tensor)."""
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device if params else "cpu")
+    """Sum of squared gradient entries this rank holds (float64; 0-dim tensor).
+
+    float64 because a sharded run sums the same squares in another order (per shard, then over
+    ranks) than a single process: in fp32 the two norms, and so the clipping factor, differed in
+    the last bits and the runs drifted apart; fp32 squares are exact in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
     for p in params:
         if p.grad is not None:
             g = local(p.grad)
-            total = total + g.float().pow(2).sum().to(total.device)
+            total = total + g.double().pow(2).sum().to(total.device)
     return total
 
 
