@@ -68,6 +68,32 @@ class DiffusionModel:
         z = latents.to(device=p.device, dtype=p.dtype) / self.latent_scale + self.latent_shift
         return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
+    # ---- the training step's family-specific math (training/step.py calls these) ----------------
+    @property
+    def num_train_timesteps(self) -> int:
+        """The step draws integer timesteps in [0, num_train_timesteps) (training/data_order.py)."""
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, regression target, the denoiser's timestep input) for drawn timesteps."""
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if sched.config.prediction_type == "v_prediction":
+            return noisy, sched.get_velocity(latents, noise, timesteps), timesteps
+        return noisy, noise, timesteps
+
+    def denoiser_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """Per-row keyword inputs of the denoiser besides the text states (SDXL: added_cond_kwargs)."""
+        added = None if pooled is None else self.added_cond(pooled, time_ids)
+        return {} if added is None else {"added_cond_kwargs": added}
+
+    def snr_weight(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """(B,) Min-SNR-gamma weight of drawn timesteps (training/step.py's module doc)."""
+        sched = self.noise_scheduler
+        abar = sched.alphas_cumprod.to(timesteps.device)[timesteps].double()
+        return _min_snr(abar, gamma, sched.config.prediction_type == "v_prediction")
+
     def added_cond(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
         """UNet `added_cond_kwargs`: SDXL -> {"text_embeds": (N, D2), "time_ids": (N, 6)}; otherwise None."""
         if self.family != "sdxl":
@@ -75,6 +101,12 @@ class DiffusionModel:
         if pooled is None or time_ids is None:
             raise ValueError("SDXL needs both the pooled text embedding and the time_ids (N, 6)")
         return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _min_snr(abar: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    return (clipped / (snr + 1)).float() if v_prediction else (clipped / snr).float()
 
 
 def make_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -120,6 +152,16 @@ def _looks_like_path(pretrained: str) -> bool:
     return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
 
 
+def resolve_source(pretrained: str, what: str = "model folder") -> tuple[str, dict]:
+    """(path or hub id, from_pretrained kwargs): a local folder loads offline (local_files_only); a
+    path-like name that is not a folder is an error rather than a hub lookup."""
+    pretrained = os.path.expanduser(str(pretrained))
+    local = os.path.isdir(pretrained)
+    if not local and _looks_like_path(pretrained):
+        raise FileNotFoundError(f"{what} {pretrained!r} does not exist")
+    return pretrained, dict(local_files_only=local)
+
+
 def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torch.float32,
                          device: str | torch.device = "cpu") -> DiffusionModel:
     """Load a frozen SD1.5- or SDXL-style model from a hub id or a local diffusers folder.
@@ -134,11 +176,7 @@ def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torc
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    pretrained = os.path.expanduser(str(pretrained))
-    local = os.path.isdir(pretrained)
-    if not local and _looks_like_path(pretrained):
-        raise FileNotFoundError(f"model folder {pretrained!r} does not exist")
-    common = dict(local_files_only=local)
+    pretrained, common = resolve_source(pretrained)
     weights = dict(common, use_safetensors=True)
 
     unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=dtype, **weights)
