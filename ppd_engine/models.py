@@ -3,6 +3,8 @@
 "sd15": StableDiffusionPipeline parts (one CLIP text encoder, last hidden states).
 "sdxl": StableDiffusionXLPipeline parts (both CLIP text encoders: penultimate hidden states
         concatenated; pooled embedding from text_encoder_2; 6 micro-conditioning time ids).
+"cascade": Stable Cascade Stage C (StableCascadePriorPipeline parts + the EfficientNet latent
+        encoder; ppd_engine.cascade), continuous-time cosine schedule.
 Other families are registered by the worlds that bring them (`register_family`): the toy world's
 pixel-space "toy", for instance. `build_model(cfg, device)` picks the loader of cfg.model.family.
 
@@ -25,7 +27,7 @@ class TextConditioning:
     """Text encoder output for a batch of captions."""
 
     states: torch.Tensor            # (N, T, D) encoder_hidden_states
-    pooled: torch.Tensor | None     # (N, D2) SDXL "text_embeds"; None for SD1.5 / toy
+    pooled: torch.Tensor | None     # (N, D2) SDXL "text_embeds" / Stage C clip_text_pooled; None for SD1.5 / toy
 
 
 @dataclass
@@ -230,8 +232,18 @@ def _diffusers_loader(family: str) -> FamilyLoader:
     return load
 
 
+def _cascade_loader(cfg, dtype, device):
+    # Imported on use: ppd_engine.cascade builds on this module's DiffusionModel.
+    from ppd_engine.cascade import DEFAULT_RESOLUTION, load_cascade_model
+
+    return load_cascade_model(cfg.model.pretrained, prior=cfg.model.prior, effnet=cfg.model.effnet, decoder=cfg.model.decoder,
+                              dtype=dtype, device=device, resolution=cfg.model.resolution or DEFAULT_RESOLUTION,
+                              adapters=cfg.adapters)
+
+
 for _name in _BUILTIN:
     register_family(_name, _diffusers_loader(_name))
+register_family("cascade", _cascade_loader)
 
 
 def build_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
