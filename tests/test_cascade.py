@@ -148,6 +148,10 @@ def test_stage_c_step_noises_with_continuous_t_and_conditions_like_train_c(monke
     x0 = torch.cat([batch["latents_w"], batch["latents_l"]]).double()
     want = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.cat([draws.noise, draws.noise]).double()
     torch.testing.assert_close(seen["noisy"].double(), want, rtol=1e-5, atol=1e-5)
+    # Min-SNR-gamma on the cosine schedule, eps target: min(SNR, 5) / SNR with SNR = abar / (1 - abar).
+    snr = abar[:4].flatten() / (1 - abar[:4].flatten())
+    torch.testing.assert_close(m.snr_weight(draws.timesteps, 5.0).double(), snr.clamp(max=5.0) / snr,
+                               rtol=1e-5, atol=1e-6)
     kw = seen["kw"]
     assert not {"added_cond_kwargs", "timestep_ratio"} & set(kw) and kw["clip_text_pooled"].shape == (8, 1, 16)
     assert torch.equal(kw["clip_img"], torch.zeros(8, 1, 24))
@@ -191,7 +195,13 @@ def test_cascade_pickapic_cli_trains_resumes_bitwise_and_samples(tmp_path):
               "optim.lr=1e-3", "optim.warmup_steps=1", "optim.min_8bit_size=256", "log.tensorboard=false",
               "log.progress=false", "log.sample_every=0", "checkpoint.every=1", "checkpoint.keep_last=5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert main(["--config", "cascade_pickapic", *common, f"log.run_dir={full}", "train.max_steps=3"]) == 0
+    assert main(["--config", "cascade_pickapic", *common, f"log.run_dir={full}", "train.max_steps=3",
+                 "log.sample_every=3", "log.sample_steps=2", "log.sample_users=1", "log.sample_prompts=[a cat]"]) == 0
+    from PIL import Image
+
+    # The training sample grid through prior + Stage B: 1 user + the zero embedding, 16 px images, 2 px gaps.
+    with Image.open(full / "samples" / "step-3.png") as im:
+        assert im.size == (18 + 2, 2 * 18 + 2) and im.mode == "RGB"
     meta = read_index(str(tmp_path / "cache"))["meta"]
     assert meta["family"] == "cascade" and meta["vae_config"]["class"] == "EfficientNetEncoder"
     rows = _rows(full)
