@@ -3,6 +3,8 @@
 "sd15": StableDiffusionPipeline parts (one CLIP text encoder, last hidden states).
 "sdxl": StableDiffusionXLPipeline parts (both CLIP text encoders: penultimate hidden states
         concatenated; pooled embedding from text_encoder_2; 6 micro-conditioning time ids).
+"cascade": Stable Cascade Stage C (StableCascadePriorPipeline parts + the EfficientNet latent
+        encoder; ppd_engine.cascade), continuous-time cosine schedule.
 Other families are registered by the worlds that bring them (`register_family`): the toy world's
 pixel-space "toy", for instance. `build_model(cfg, device)` picks the loader of cfg.model.family.
 
@@ -25,7 +27,7 @@ class TextConditioning:
     """Text encoder output for a batch of captions."""
 
     states: torch.Tensor            # (N, T, D) encoder_hidden_states
-    pooled: torch.Tensor | None     # (N, D2) SDXL "text_embeds"; None for SD1.5 / toy
+    pooled: torch.Tensor | None     # (N, D2) SDXL "text_embeds" / Stage C clip_text_pooled; None for SD1.5 / toy
 
 
 @dataclass
@@ -68,6 +70,32 @@ class DiffusionModel:
         z = latents.to(device=p.device, dtype=p.dtype) / self.latent_scale + self.latent_shift
         return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
 
+    # ---- the training step's family-specific math (training/step.py calls these) ----------------
+    @property
+    def num_train_timesteps(self) -> int:
+        """The step draws integer timesteps in [0, num_train_timesteps) (training/data_order.py)."""
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy latents, regression target, the denoiser's timestep input) for drawn timesteps."""
+        sched = self.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if sched.config.prediction_type == "v_prediction":
+            return noisy, sched.get_velocity(latents, noise, timesteps), timesteps
+        return noisy, noise, timesteps
+
+    def denoiser_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+        """Per-row keyword inputs of the denoiser besides the text states (SDXL: added_cond_kwargs)."""
+        added = None if pooled is None else self.added_cond(pooled, time_ids)
+        return {} if added is None else {"added_cond_kwargs": added}
+
+    def snr_weight(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """(B,) Min-SNR-gamma weight of drawn timesteps (training/step.py's module doc)."""
+        sched = self.noise_scheduler
+        abar = sched.alphas_cumprod.to(timesteps.device)[timesteps].double()
+        return _min_snr(abar, gamma, sched.config.prediction_type == "v_prediction")
+
     def added_cond(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict | None:
         """UNet `added_cond_kwargs`: SDXL -> {"text_embeds": (N, D2), "time_ids": (N, 6)}; otherwise None."""
         if self.family != "sdxl":
@@ -75,6 +103,12 @@ class DiffusionModel:
         if pooled is None or time_ids is None:
             raise ValueError("SDXL needs both the pooled text embedding and the time_ids (N, 6)")
         return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def _min_snr(abar: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    snr = abar / (1 - abar)
+    clipped = torch.clamp(snr, max=gamma)
+    return (clipped / (snr + 1)).float() if v_prediction else (clipped / snr).float()
 
 
 def make_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -120,6 +154,16 @@ def _looks_like_path(pretrained: str) -> bool:
     return pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1
 
 
+def resolve_source(pretrained: str, what: str = "model folder") -> tuple[str, dict]:
+    """(path or hub id, from_pretrained kwargs): a local folder loads offline (local_files_only); a
+    path-like name that is not a folder is an error rather than a hub lookup."""
+    pretrained = os.path.expanduser(str(pretrained))
+    local = os.path.isdir(pretrained)
+    if not local and _looks_like_path(pretrained):
+        raise FileNotFoundError(f"{what} {pretrained!r} does not exist")
+    return pretrained, dict(local_files_only=local)
+
+
 def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torch.float32,
                          device: str | torch.device = "cpu") -> DiffusionModel:
     """Load a frozen SD1.5- or SDXL-style model from a hub id or a local diffusers folder.
@@ -134,11 +178,7 @@ def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torc
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    pretrained = os.path.expanduser(str(pretrained))
-    local = os.path.isdir(pretrained)
-    if not local and _looks_like_path(pretrained):
-        raise FileNotFoundError(f"model folder {pretrained!r} does not exist")
-    common = dict(local_files_only=local)
+    pretrained, common = resolve_source(pretrained)
     weights = dict(common, use_safetensors=True)
 
     unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", torch_dtype=dtype, **weights)
@@ -192,8 +232,18 @@ def _diffusers_loader(family: str) -> FamilyLoader:
     return load
 
 
+def _cascade_loader(cfg, dtype, device):
+    # Imported on use: ppd_engine.cascade builds on this module's DiffusionModel.
+    from ppd_engine.cascade import DEFAULT_RESOLUTION, load_cascade_model
+
+    return load_cascade_model(cfg.model.pretrained, prior=cfg.model.prior, effnet=cfg.model.effnet, decoder=cfg.model.decoder,
+                              dtype=dtype, device=device, resolution=cfg.model.resolution or DEFAULT_RESOLUTION,
+                              adapters=cfg.adapters)
+
+
 for _name in _BUILTIN:
     register_family(_name, _diffusers_loader(_name))
+register_family("cascade", _cascade_loader)
 
 
 def build_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:

@@ -72,7 +72,7 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
     """Sample N images.
 
     Args:
-        model: a DiffusionModel (toy, sd15 or sdxl); its unet may carry user adapters.
+        model: a DiffusionModel (toy, sd15, sdxl or cascade); its unet may carry user adapters.
         prompts: N captions.
         user_embeds: (N, T_in, Du) few-shot user embeddings, or None for the base model.
         seeds: N ints; sample i starts from noise drawn with seeds[i] only.
@@ -109,9 +109,51 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
     return torch.cat(out)
 
 
-def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale, sampler):
+def _branches(model, prompts, user_embeds, guidance, user_guidance):
+    """The guidance branches stacked into one denoiser batch: [cond | empty (text CFG) | cond with
+    zero user (user CFG)]. Returns (k, text states, pooled or None, user rows or None), k*N rows each."""
+    n = len(prompts)
+    cond = model.encode_text(prompts)
+    states, pooled, embeds = [cond.states], [cond.pooled], [user_embeds]
+    if guidance != 1.0:
+        empty = model.encode_text([""] * n)
+        states.append(empty.states)
+        pooled.append(empty.pooled)
+        embeds.append(user_embeds)
+    if user_guidance != 0.0:
+        states.append(cond.states)
+        pooled.append(cond.pooled)
+        embeds.append(torch.zeros_like(user_embeds))
+    user = None if user_embeds is None else torch.cat(embeds)
+    return len(states), torch.cat(states), None if cond.pooled is None else torch.cat(pooled), user
+
+
+def _guided(pred: torch.Tensor, k: int, guidance: float, user_guidance: float) -> torch.Tensor:
+    """Combine the k stacked branch predictions (module doc)."""
+    parts = pred.chunk(k)
+    out = parts[0]
+    if guidance != 1.0:
+        out = parts[1] + guidance * (parts[0] - parts[1])
+    if user_guidance != 0.0:
+        out = out + user_guidance * (parts[0] - parts[-1])
+    return out
+
+
+def _user_context(unet, user):
+    """The user branch on for the stacked rows, or gated off (the base model)."""
     from ppd_engine.adapters import user_conditioning
 
+    if user is not None:
+        return user_conditioning(unet, user, gate=1.0, drop=False)
+    if _has_adapters(unet):
+        return user_conditioning(unet, None)
+    return contextlib.nullcontext()
+
+
+def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale, sampler):
+    if getattr(model, "family", None) == "cascade":
+        return _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance,
+                                       user_scale, sampler)
     unet = model.unet
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
@@ -121,50 +163,57 @@ def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_gu
     channels, side = _latent_shape(model)
     latents = initial_noise(seeds, channels, side).to(device=device, dtype=torch.float32) * sched.init_noise_sigma
 
-    cond = model.encode_text(prompts)
-    use_cfg = guidance != 1.0
-    use_ug = user_guidance != 0.0
-    # Branches stacked into one UNet batch: [cond | empty (text CFG) | cond with zero user (user CFG)].
-    states, pooled, embeds = [cond.states], [cond.pooled], [user_embeds]
-    if use_cfg:
-        empty = model.encode_text([""] * n)
-        states.append(empty.states)
-        pooled.append(empty.pooled)
-        embeds.append(user_embeds)
-    if use_ug:
-        states.append(cond.states)
-        pooled.append(cond.pooled)
-        embeds.append(torch.zeros_like(user_embeds))
-    k = len(states)
-    text = torch.cat(states).to(device=device, dtype=dtype)
+    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance)
+    text = text.to(device=device, dtype=dtype)
     added = None
-    if cond.pooled is not None:
+    if pooled is not None:
         from ppd_engine.models import make_time_ids
 
         res = int(model.resolution)
         time_ids = make_time_ids((res, res), (0, 0), (res, res)).to(device=device, dtype=dtype).expand(k * n, 6)
-        added = model.added_cond(torch.cat(pooled).to(device=device, dtype=dtype), time_ids)
-    user = None if user_embeds is None else torch.cat(embeds).to(device=device, dtype=torch.float32)
-
+        added = model.added_cond(pooled.to(device=device, dtype=dtype), time_ids)
     if user is not None:
-        ctx = user_conditioning(unet, user, gate=1.0, drop=False)
-    elif _has_adapters(unet):
-        ctx = user_conditioning(unet, None)
-    else:
-        ctx = contextlib.nullcontext()
-    with _adapter_scale(unet, user_scale, user is not None), ctx:
+        user = user.to(device=device, dtype=torch.float32)
+
+    with _adapter_scale(unet, user_scale, user is not None), _user_context(unet, user):
         for t in sched.timesteps:
             x = sched.scale_model_input(latents, t).repeat(k, 1, 1, 1).to(dtype)
             kwargs = {"added_cond_kwargs": added} if added is not None else {}
             eps = unet(x, t, encoder_hidden_states=text, return_dict=False, **kwargs)[0].float()
-            parts = eps.chunk(k)
-            pred = parts[0]
-            if use_cfg:
-                pred = parts[1] + guidance * (parts[0] - parts[1])
-            if use_ug:
-                pred = pred + user_guidance * (parts[0] - parts[-1])
-            latents = sched.step(pred, t, latents, return_dict=False)[0]
+            latents = sched.step(_guided(eps, k, guidance, user_guidance), t, latents, return_dict=False)[0]
     return model.decode_latents(latents).float().cpu()
+
+
+def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale,
+                            sampler):
+    """Stable Cascade: the Stage C prior under the user branch with deterministic DDIM on the
+    scheduler's cosine abar over t = 1 -> 0 (the prior pipeline's linspace), then Stage B + VQ
+    (model.decode_latents). The prior pipeline's own sampler is stochastic DDPM; DDIM keeps
+    "ddim" meaning the same deterministic sampler as for UNet2D."""
+    from ppd_engine.adapters.families import call_model
+
+    if sampler != "ddim":
+        raise ValueError(f"sampler={sampler!r}: the cascade family samples Stage C with 'ddim' only")
+    unet = model.unet
+    p = next(unet.parameters())
+    device, dtype = p.device, p.dtype
+    n = len(prompts)
+    latents = initial_noise(seeds, int(unet.config.in_channels), model.latent_side).to(device=device)
+    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance)
+    text = text.to(device=device, dtype=dtype)
+    extra = model.denoiser_kwargs(pooled.to(device=device, dtype=dtype), None)
+    if user is not None:
+        user = user.to(device=device, dtype=torch.float32)
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    with _adapter_scale(unet, user_scale, user is not None), _user_context(unet, user):
+        for t, t_prev in zip(ts[:-1], ts[1:]):
+            ratio = t.expand(k * n).to(dtype)
+            eps = call_model(unet, latents.repeat(k, 1, 1, 1).to(dtype), ratio, text, **extra).float()
+            eps = _guided(eps, k, guidance, user_guidance)
+            abar, abar_prev = model.alpha_bar(t.view(1)), model.alpha_bar(t_prev.view(1))
+            x0 = (latents - (1 - abar).sqrt() * eps) / abar.sqrt()
+            latents = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+    return model.decode_latents(latents, prompts=list(prompts), seeds=list(seeds))
 
 
 @contextlib.contextmanager

@@ -221,19 +221,12 @@ def test_non_personalized_baseline_uses_zero_user(tmp_path):
 @pytest.mark.slow
 def test_pickapic_world_end_to_end_through_the_cli(tmp_path):
     """Parquet fixture -> load_pairs -> few-shot split -> EmbeddingStore -> latent cache -> Trainer, via main()."""
-    from ppd_engine.data.pickapic import load_pairs
-    from ppd_engine.embed.store import EmbeddingStore
-    from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
+    from ppd_engine.testing.pickapic_fixture import write_fixture_with_embeddings
     from ppd_engine.train import main
 
-    data = tmp_path / "pickapic"
-    write_pickapic_fixture(str(data), extra_users=3, pairs_per_extra_user=6)
-    store = EmbeddingStore(str(tmp_path / "users.safetensors"))
-    g = torch.Generator().manual_seed(0)
-    users = sorted(load_pairs(str(data), progress=False).by_user())
-    store.append_many([(u, torch.randn(2, 1, 24, generator=g), {"source": "test"}) for u in users])
+    data, store_path, _ = write_fixture_with_embeddings(str(tmp_path))
     run = tmp_path / "run"
-    rc = main(["world=pickapic", f"data.folder={data}", f"data.embeddings={tmp_path / 'users.safetensors'}",
+    rc = main(["world=pickapic", f"data.folder={data}", f"data.embeddings={store_path}",
                "model.family=sd15", f"model.pretrained={tiny_pipeline_dir('sd15')}", "model.resolution=32",
                f"cache.dir={tmp_path / 'cache'}", f"log.run_dir={run}", "data.unseen_fraction=0.2", *FAST,
                "train.max_steps=2"])

@@ -27,7 +27,8 @@ class PairCacheDataset(Dataset):
     Items (float32 tensors; shapes for a cache at resolution R and VAE downscale f):
       "latents_w", "latents_l": (C, R/f, R/f) model-space clean latents, preferred image first
       "text": (T, D) caption hidden states
-      "pooled": (D2,) and "time_ids_w", "time_ids_l": (6,)   SDXL caches only
+      "pooled": (D2,)                                        SDXL and Stable Cascade caches
+      "time_ids_w", "time_ids_l": (6,)                       SDXL caches only
       "user_id": str, "pair_id": str
     Random flip: when the cache holds flipped latents and `flip` is True, the winner and the loser
     are flipped together with probability 1/2, decided by hash(seed, epoch, pair_id), so the
@@ -75,8 +76,9 @@ class PairCacheDataset(Dataset):
             "user_id": r.user_id,
             "pair_id": r.pair_id,
         }
-        if self.family == "sdxl":
+        if pooled is not None:  # SDXL's text_embeds, Stable Cascade's clip_text_pooled
             item["pooled"] = pooled.float()
+        if self.family == "sdxl":
             item["time_ids_w"] = self.reader.time_ids(r.uid_w).float()
             item["time_ids_l"] = self.reader.time_ids(r.uid_l).float()
         return item

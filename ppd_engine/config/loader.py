@@ -180,8 +180,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """The config tree as plain YAML-able data."""
-    return dataclasses.asdict(cfg)
+    """The config tree as plain YAML-able data (DTypeName values as plain str: yaml.safe_dump refuses
+    str subclasses)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: str(v) if isinstance(v, DTypeName) else v
+                                                               for k, v in items})
 
 
 def config_from_dict(data: dict, cls: type | None = None) -> Any:

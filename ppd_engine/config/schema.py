@@ -42,13 +42,23 @@ class ModelConfig:
     """The frozen base denoiser (its text encoder(s) and VAE come with it)."""
 
     family: str = _f("sd15", "model family, one of the registered families (ppd_engine.models.FAMILIES: "
-                             "sd15 | sdxl built in; a world adds its own, e.g. toy)")
+                             "sd15 | sdxl | cascade built in; a world adds its own, e.g. toy). cascade = Stable "
+                             "Cascade Stage C (model.pretrained: a StableCascadePriorPipeline folder or hub id, "
+                             "model.prior its prior or prior_lite; model.effnet encodes images, model.decoder "
+                             "samples; preset cascade_pickapic)")
     pretrained: str = _f("stable-diffusion-v1-5/stable-diffusion-v1-5",
                          "hub id or local diffusers folder of the base pipeline")
     dtype: DTypeName = _f(
         "fp32", f"{_DTYPE_CHOICES}: storage dtype of the FROZEN base weights (adapters are always fp32 masters); "
         "bf16/fp16 need train.mixed_precision=bf16")
-    resolution: int = _f(0, "image side in pixels; 0 = the model's default (512 sd15, 1024 sdxl)")
+    resolution: int = _f(0, "image side in pixels; 0 = the model's default (512 sd15, 1024 sdxl, 768 cascade: "
+                            "the EfficientNet input, 24x24 Stage C latents, sampled at 1024 px)")
+    prior: str = _f("prior", "cascade: subfolder of model.pretrained holding the Stage C prior: prior (3.6B) | "
+                             "prior_lite (1B)")
+    effnet: str = _f("", "cascade: local path of Stable Cascade's effnet_encoder.safetensors (the EfficientNet-V2-S "
+                         "encoder of the Stage C training latents)")
+    decoder: str = _f("", "cascade: StableCascadeDecoderPipeline folder or hub id (decoder/ vqgan/ text_encoder/ "
+                          "tokenizer/ scheduler/) that turns Stage C latents into images when sampling")
 
 
 @dataclass

@@ -114,3 +114,21 @@ def write_pickapic_fixture(folder: str, seed: int = 0, extra_users: int = 0, pai
                 pairs_dropped_few_pairs=3 + 2 + (extra_pairs if not extra_ok else 0),
                 pairs_dropped_max_users=0, users_total=6 - 1 + extra_users, users_kept=3 + extra_ok,
                 users_dropped_few_pairs=2 + (extra_users - extra_ok), users_dropped_max_users=0, files=2)
+
+
+def write_fixture_with_embeddings(root: str, extra_users: int = 3, du: int = 24, k: int = 2) -> tuple[str, str, list]:
+    """The fixture (with `extra_users` clean users) under root/pickapic and a random (k, 1, du) embedding
+    per kept user in root/users.safetensors: what a world=pickapic training run reads. Returns
+    (data folder, store path, sorted user ids)."""
+    import torch
+
+    from ppd_engine.data.pickapic import load_pairs
+    from ppd_engine.embed.store import EmbeddingStore
+
+    data, store_path = os.path.join(root, "pickapic"), os.path.join(root, "users.safetensors")
+    write_pickapic_fixture(data, extra_users=extra_users, pairs_per_extra_user=6)
+    g = torch.Generator().manual_seed(0)
+    users = sorted(load_pairs(data, progress=False).by_user())
+    EmbeddingStore(store_path).append_many([(u, torch.randn(k, 1, du, generator=g), {"source": "test"})
+                                            for u in users])
+    return data, store_path, users

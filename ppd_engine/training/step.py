@@ -9,6 +9,10 @@ Per pair (winner w, loser l, same caption c, user u):
     policy = base + user branch, reference = base          (one model, paired_forward)
     loss   = preference_loss(loss.name, policy, reference, target, beta, weight=w(lambda_t))
 
+The noising, the target and the denoiser's extra inputs are the model family's
+(DiffusionModel.noisy_and_target / denoiser_kwargs): DDPM add_noise with an eps or v target for
+SD1.5 / SDXL, the continuous cosine schedule of Stable Cascade Stage C (ppd_engine.cascade).
+
 The weight w(lambda_t) of a pair (`loss.weighting`):
     uniform  w = 1 (what Diffusion-DPO trains with: its w(lambda_t) is a constant folded into beta)
     min_snr  w = min(SNR(t), gamma) / SNR(t) for eps-prediction, min(SNR(t), gamma) / (SNR(t) + 1)
@@ -65,16 +69,6 @@ def pick_user_embeds(user_ids: list[str], choice: torch.Tensor, embeddings: Mapp
     return torch.stack(rows).to(device=device, dtype=torch.float32)
 
 
-def snr_weight(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """(B,) Min-SNR-gamma weight (see module doc)."""
-    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
-    snr = abar / (1 - abar)
-    clipped = torch.clamp(snr, max=gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        return (clipped / (snr + 1)).float()
-    return (clipped / snr).float()
-
-
 @dataclass
 class StepStats:
     """Detached per-micro-batch statistics (0-dim means over its pairs), logged under their field
@@ -99,8 +93,8 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
                     phase_hook=None, loss_weights: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
     """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
 
-    batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL pooled (B, D2) and
-    time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
+    batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL / Stage C pooled (B, D2),
+    SDXL time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
     empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
     phase_hook(phase, "start"|"end"), if given, brackets the forward phases (see paired_forward)
     and "loss", so a benchmark can time them. loss_name may be a list (a mixture, weighted by
@@ -109,31 +103,28 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     from ppd_engine.losses import loss_inputs, preference_loss
     from ppd_engine.paired import paired_forward
 
-    sched = model.noise_scheduler
     device = batch["latents_w"].device
     b = batch["latents_w"].shape[0]
     drop_c = draws.drop_caption.view(-1, 1, 1)
     text = torch.where(drop_c, empty_text.to(device).expand_as(batch["text"]), batch["text"])
-    added = None
+    pooled = time_ids = None
     if "pooled" in batch:
         pooled = torch.where(draws.drop_caption.view(-1, 1), empty_pooled.to(device).expand_as(batch["pooled"]),
                              batch["pooled"])
-        added = model.added_cond(torch.cat([pooled, pooled]),
-                                 torch.cat([batch["time_ids_w"], batch["time_ids_l"]]))
+        pooled = torch.cat([pooled, pooled])
+    if "time_ids_w" in batch:
+        time_ids = torch.cat([batch["time_ids_w"], batch["time_ids_l"]])
+    # The family's own inputs (SDXL micro-conditioning, Stage C's pooled text and zero image embedding).
+    cond = model.denoiser_kwargs(pooled, time_ids)
 
     latents = torch.cat([batch["latents_w"], batch["latents_l"]])
     noise = torch.cat([draws.noise, draws.noise])
-    timesteps = torch.cat([draws.timesteps, draws.timesteps])
-    noisy = sched.add_noise(latents, noise, timesteps)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    noisy, target, timesteps = model.noisy_and_target(latents, noise, torch.cat([draws.timesteps, draws.timesteps]))
 
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         policy, ref = paired_forward(model.unet, noisy, timesteps, torch.cat([text, text]),
                                      torch.cat([user_embeds, user_embeds]), strategy=strategy,
-                                     added_cond_kwargs=added, phase_hook=phase_hook)
+                                     phase_hook=phase_hook, **cond)
     hook = phase_hook or (lambda phase, event: None)
     hook("loss", "start")
 
@@ -141,7 +132,7 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     kw = dict(loss_options)
     weight = None
     if weighting == "min_snr":
-        weight = snr_weight(sched, draws.timesteps, snr_gamma)
+        weight = model.snr_weight(draws.timesteps, snr_gamma)
     # fp32 for all three: the target (the drawn noise) is exact in fp32 and rounding it to bf16 to
     # match the autocast predictions would perturb every per-sample MSE; the upcast is tiny next to
     # the UNet passes.

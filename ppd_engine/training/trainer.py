@@ -258,11 +258,10 @@ class Trainer:
         if isinstance(self.dataset, EpochAware):  # e.g. the cache's per-epoch random flips
             self.dataset.set_epoch(self.order.cursor(self.step)["epoch"])
         sums = None
-        sched = self.model.noise_scheduler
         for slots in self.slots:
             batch = collate([self.dataset[indices[s]] for s in slots], env.device)
             draws = draw_pairs(t.seed, self.step, slots, tuple(batch["latents_w"].shape[1:]),
-                               sched.config.num_train_timesteps, t.empty_caption_prob, t.user_dropout, env.device)
+                               self.model.num_train_timesteps, t.empty_caption_prob, t.user_dropout, env.device)
             embeds = pick_user_embeds(batch["user_id"], draws.embed_choice, self.user_embeddings, self.embed_shape,
                                       env.device, zero=not self.personalized)
             embeds = embeds * (~draws.drop_user).to(embeds.dtype).view(-1, 1, 1)

@@ -14,7 +14,7 @@ log = logging.getLogger("ppd_engine.worlds.pickapic")
 
 class PickapicWorld(World):
     name = "pickapic"
-    description = "Pick-a-Pic v2 parquet pairs, VLM user embeddings, a diffusers base (sd15 / sdxl)"
+    description = "Pick-a-Pic v2 parquet pairs, VLM user embeddings, a diffusers base (sd15 / sdxl / cascade)"
 
     def validate(self, cfg) -> None:
         if not cfg.data.folder:
@@ -24,7 +24,7 @@ class PickapicWorld(World):
                               "(python -m ppd_engine.embed writes one)")
         if cfg.model.family == "toy":
             raise ConfigError("model.family: toy is the toy world's model; world=pickapic needs a diffusers "
-                              "family (sd15, sdxl; e.g. --config sd15_pickapic)")
+                              "family (sd15, sdxl, cascade; e.g. --config sd15_pickapic)")
 
     def build(self, cfg, env) -> WorldParts:
         from ppd_engine.cache import PairCacheDataset, build_cache
