@@ -277,6 +277,10 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"{cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0")
+    need(o.num_cycles >= 1, "optim.num_cycles", f"{o.num_cycles} must be >= 1")
+    need(o.power > 0, "optim.power", f"{o.power} must be > 0")
+    need(not (o.scheduler == "constant" and o.warmup_steps), "optim.warmup_steps",
+         f"{o.warmup_steps} with optim.scheduler=constant, which has no warmup (use constant_with_warmup)")
     from ppd_engine.models import FAMILIES
 
     need(cfg.model.family in FAMILIES, "model.family",

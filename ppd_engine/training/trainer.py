@@ -284,7 +284,7 @@ class Trainer:
         bad = torch.tensor([0.0 if (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())) else 1.0],
                            device=env.device)
         bad = bool(all_reduce_sum(bad, env).item() > 0)
-        lr = lr_at(self.updates, cfg.optim)
+        lr = lr_at(self.updates, cfg.optim, self.total_steps)
         if bad:
             # Nothing is applied: parameters and optimizer state stay those of the last good step.
             self.bad_total += 1
