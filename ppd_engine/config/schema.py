@@ -160,10 +160,15 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    """Run folder, metrics, TensorBoard, sample grids."""
+    """Run folder, metrics, experiment trackers, sample grids."""
 
     run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>")
-    tensorboard: bool = _f(True, "also write TensorBoard events to RUN/tb when tensorboard is installed")
+    report_to: str = _f(
+        "tensorboard", "experiment trackers (through accelerate's): none | tensorboard (RUN/tb) | wandb | mlflow | "
+        "all (every one installed), or a comma list such as tensorboard,wandb; the resolved config is logged as "
+        "hyper-parameters and sample grids as images; a requested tracker that is not installed is an error "
+        "at start-up (replaces log.tensorboard, still read: true = tensorboard, false = none)")
+    project: str = _f("ppd_engine", "wandb project / MLflow experiment the run is logged under")
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_every: int = _f(0, "write RUN/samples/step-N.png every this many steps; 0 = never")
     sample_prompts: list[str] = _f(["a photo of a cat", "a mountain lake at sunrise"],

@@ -18,7 +18,7 @@ from typing import Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ppd_engine.config import Config, save_config
+from ppd_engine.config import Config, config_to_dict, save_config
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
@@ -392,8 +392,8 @@ class Trainer:
         steps and at the end. Raises BadStepsError (after checkpointing the last good state) when
         more than train.max_bad_steps consecutive steps are non-finite."""
         cfg, env = self.cfg, self.env
-        metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main,
-                                cfg.log.tensorboard, cfg.log.progress)
+        metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main, cfg.log.report_to,
+                                cfg.log.progress, hparams=config_to_dict(cfg), project=cfg.log.project)
         row: dict = {}
         saved_at = self.step if self.resume_from is not None else -1
         try:
