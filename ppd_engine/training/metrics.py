@@ -106,15 +106,10 @@ class MetricsLogger:
 
 
 def save_grid_png(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> torch.Tensor:
-    """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` and write a PNG (temp name + rename).
+    """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` (torchvision's make_grid, 2 px white
+    padding) and write a PNG (temp name + rename). Returns the (3, H', W') grid."""
+    from torchvision.utils import make_grid
 
-    Returns the (3, H', W') grid."""
-
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i].float().cpu()
+    grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
     save_image_atomic(grid, path)
     return grid
