@@ -128,7 +128,7 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
 
     def _add_adapters(self) -> None:
-        from ppd_engine.adapters import add_user_adapters
+        from ppd_engine.adapters import add_user_adapters, warn_if_not_exportable
 
         t, a = self.cfg.train, self.cfg.adapters
         # Same seed on every rank: identical adapter initialisation, which FSDP's sharding relies on
@@ -144,6 +144,8 @@ class Trainer:
                                           # low-precision compute. Passing it here (not .float()
                                           # afterwards) keeps the saved adapter config truthful.
                                           dtype=torch.float32)
+        if self.env.is_main:
+            warn_if_not_exportable(unet)
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
