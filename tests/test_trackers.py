@@ -114,3 +114,28 @@ def test_training_logs_to_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     assert float(history[0]["train/loss"]) == pytest.approx(0.6931, abs=1e-3)
     assert history[1]["samples/_type"] == '"image-file"' and history[1]["samples/width"] == "36"
     assert float(config["optim.lr"]) == 3e-4 and config["log.report_to"] == '"tensorboard,wandb"'
+
+
+def test_log_records_go_through_tqdm_while_the_bar_shows(tmp_path):
+    """A console log handler would print through the progress bar's line; while the bar shows,
+    records are written with tqdm.write instead, and the handler is back afterwards."""
+    import logging
+    import sys
+
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from ppd_engine.training.metrics import MetricsLogger
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    root.addHandler(console)
+    try:
+        metrics = MetricsLogger(tmp_path, 3, 0, True, "none", progress=True)
+        assert console not in root.handlers and any(isinstance(h, _TqdmLoggingHandler) for h in root.handlers)
+        metrics.close()
+        assert console in root.handlers and not any(isinstance(h, _TqdmLoggingHandler) for h in root.handlers)
+        quiet = MetricsLogger(tmp_path, 3, 0, True, "none", progress=False)
+        assert console in root.handlers
+        quiet.close()
+    finally:
+        root.removeHandler(console)
