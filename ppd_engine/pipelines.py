@@ -33,8 +33,9 @@ def from_run(run_dir: str | os.PathLike, user: str | None = None, *, mix: list[t
     Args:
         run_dir: the run folder (config.yaml, checkpoints/).
         user / mix / embedding: whom to generate for: a user of the run's store, a weighted mix
-            [(name, weight), ...], or an embedding (T_in, Du); none of them = embeds None (pass
-            nothing; the pipeline then needs `pipe.set_ip_adapter_scale(0)` for the base model).
+            [(name, weight), ...], or an embedding (T_in, Du); none of them: embeds is None (a
+            pipeline with an IP-Adapter still needs embeds; `pipe.set_ip_adapter_scale(0)` with any
+            user's embeds gives the base model).
         checkpoint: "latest", "step-N" inside the run, or a step-N folder.
         scheduler: "ddim" / "dpm" (the engine's settings) or a diffusers scheduler class name.
         cfg: embeds for classifier-free guidance (guidance_scale > 1) or not.
