@@ -23,24 +23,6 @@ from ppd_engine.cli.common import (
 from ppd_engine.files import save_image_atomic, write_json_atomic
 
 
-def _store_path(run: Path, cfg) -> Path:
-    """The run's user-embedding store: data.embeddings, else RUN/embeddings.safetensors (toy runs)."""
-    candidates = [Path(cfg.data.embeddings)] if cfg.data.embeddings else []
-    candidates.append(run / "embeddings.safetensors")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"no user-embedding store for run {run} (looked at {', '.join(map(str, candidates))}); "
-                            "use --embedding FILE")
-
-
-def _user_embedding(store, name: str) -> torch.Tensor:
-    if name not in store:
-        raise KeyError(f"user {name!r} is not in {store.path}; users: {', '.join(store.users()[:20])}"
-                       f"{' ...' if len(store) > 20 else ''}")
-    return store.get(name)[0].float()
-
-
 def load_embedding_file(path: str | os.PathLike) -> torch.Tensor:
     """A safetensors file -> one embedding (T_in, Du).
 
@@ -82,21 +64,15 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def contact_sheet(images: torch.Tensor, min_side: int = 128, pad: int = 2):
-    """(N, 3, H, W) in [0, 1] -> a PIL image grid (nearest-upscaled so tiny images stay visible)."""
-    import numpy as np
-    from PIL import Image
+def contact_sheet(images: torch.Tensor, min_side: int = 128, pad: int = 2) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> a (3, H', W') grid, about square, white padding (torchvision's
+    make_grid), nearest-upscaled so that tiny images stay visible."""
+    from torchvision.utils import make_grid
 
     n, _, h, w = images.shape
     zoom = max(1, math.ceil(min_side / max(h, w)))
-    cols = min(n, max(1, math.ceil(math.sqrt(n))))
-    rows = math.ceil(n / cols)
-    sheet = Image.new("RGB", (cols * (w * zoom + pad) + pad, rows * (h * zoom + pad) + pad), (255, 255, 255))
-    for i, img in enumerate(images):
-        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        tile = Image.fromarray(arr, "RGB").resize((w * zoom, h * zoom), Image.NEAREST)
-        sheet.paste(tile, (pad + (i % cols) * (w * zoom + pad), pad + (i // cols) * (h * zoom + pad)))
-    return sheet
+    tiles = images.float().clamp(0, 1).cpu().repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
+    return make_grid(tiles, nrow=min(n, max(1, math.ceil(math.sqrt(n)))), padding=pad, pad_value=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,14 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the caption")
     p.add_argument("--n", type=int, default=8, help="number of images (seeds SEED .. SEED+n-1)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for <i>.png, contact_sheet.png, sample.json")
+    p.add_argument("--negative-prompt", default="", metavar="TEXT",
+                   help="caption of the unconditional branch of text guidance (default: empty, as trained)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the run's resolution)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the run's resolution)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="text classifier-free guidance scale (default: toy.guidance for toy runs, else log.sample_guidance)")
-    p.add_argument("--user-guidance", type=float, default=0.0,
-                   help="extra guidance away from the zero (user-agnostic) embedding; 0 = off")
+                   help="text classifier-free guidance scale (default: what the run used: toy.guidance for toy "
+                        "runs, else log.sample_guidance)")
+    p.add_argument("--user-guidance", type=float, default=None,
+                   help="extra guidance away from the zero (user-agnostic) embedding; 0 = off (default: what the "
+                        "run used: toy.user_guidance for toy runs, else 0)")
     p.add_argument("--user-scale", type=float, default=1.0, help="strength of the user attention branch")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: toy.sample_steps for toy runs, else log.sample_steps)")
-    p.add_argument("--sampler", choices=("ddim", "dpm"), default="ddim", help="ddim (eta 0) or dpm (DPM-Solver++ 2M)")
+                   help="sampler steps (default: what the run used: toy.sample_steps for toy runs, else "
+                        "log.sample_steps)")
+    p.add_argument("--scheduler", "--sampler", dest="scheduler", default="ddim", metavar="NAME",
+                   help="ddim (eta 0, trailing spacing), dpm (DPM-Solver++ 2M), or any diffusers scheduler class "
+                        "name (e.g. EulerDiscreteScheduler, UniPCMultistepScheduler), configured from the base's "
+                        "scheduler config")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     add_checkpoint(p)
     add_device(p, "where to sample")
@@ -137,41 +123,45 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1:
         raise UsageError("--n must be >= 1")
     import ppd_engine.worlds  # noqa: F401  (a run of any registered world can be sampled)
-    from ppd_engine.embed.store import EmbeddingStore
-    from ppd_engine.sampling import generate
+    from ppd_engine.sampling import generate, scheduler_class
     from ppd_engine.training import load_run
+    from ppd_engine.training.run import run_user_embedding, sampling_defaults
 
+    scheduler_class(args.scheduler)  # a misspelt name fails before the model loads
     run = Path(args.run)
     cfg, model = load_run(run, checkpoint=args.checkpoint, device=resolve_device(args.device))
     if args.base:
         embed, source = None, "base"
     elif args.embedding:
         embed, source = load_embedding_file(args.embedding), f"file {args.embedding}"
+    elif args.user:
+        embed, source = run_user_embedding(run, cfg, user=args.user), f"user {args.user}"
     else:
-        store = EmbeddingStore(str(_store_path(run, cfg)))
-        if args.user:
-            embed, source = _user_embedding(store, args.user), f"user {args.user}"
-        else:
-            mix = parse_mix(args.mix)
-            embed = sum(w * _user_embedding(store, name) for name, w in mix)
-            source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
-    # A world's own sampling settings (e.g. the toy section's guidance) apply when it records them.
-    section = getattr(cfg, cfg.world, None) if cfg.world else None
-    guidance = args.guidance if args.guidance is not None else getattr(section, "guidance", cfg.log.sample_guidance)
-    steps = args.steps if args.steps is not None else getattr(section, "sample_steps", cfg.log.sample_steps)
+        mix = parse_mix(args.mix)
+        embed = run_user_embedding(run, cfg, mix=mix)
+        source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
+    # What the run itself sampled with, unless a flag says otherwise.
+    defaults = sampling_defaults(cfg)
+    guidance = args.guidance if args.guidance is not None else defaults["guidance"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    user_guidance = args.user_guidance if args.user_guidance is not None else defaults["user_guidance"]
+    if embed is None and args.user_guidance is None:
+        user_guidance = 0.0  # the base model has no user to guide toward
     seeds = [args.seed + i for i in range(args.n)]
     embeds = None if embed is None else embed[None].expand(args.n, -1, -1).contiguous()
     images = generate(model, [args.prompt] * args.n, embeds, seeds, steps=steps, guidance=guidance,
-                      user_guidance=args.user_guidance, user_scale=args.user_scale, sampler=args.sampler,
+                      user_guidance=user_guidance, user_scale=args.user_scale, sampler=args.scheduler,
+                      negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       batch_size=args.batch_size, progress=args.progress)
     out = Path(args.out)
     for i, img in enumerate(images):
         save_image_atomic(img, out / f"{i}.png")
     sheet = out / "contact_sheet.png"
     save_image_atomic(contact_sheet(images), sheet)
-    record = {"run": str(run), "checkpoint": args.checkpoint, "who": source, "prompt": args.prompt, "n": args.n,
-              "seeds": seeds, "steps": steps, "guidance": guidance, "user_guidance": args.user_guidance,
-              "user_scale": args.user_scale, "sampler": args.sampler}
+    record = {"run": str(run), "checkpoint": args.checkpoint, "who": source, "prompt": args.prompt,
+              "negative_prompt": args.negative_prompt, "n": args.n, "seeds": seeds, "height": int(images.shape[2]),
+              "width": int(images.shape[3]), "steps": steps, "guidance": guidance, "user_guidance": user_guidance,
+              "user_scale": args.user_scale, "scheduler": args.scheduler}
     write_json_atomic(out / "sample.json", record, indent=2)
     print(f"{args.n} images for {source} ({args.prompt!r}) -> {out}  (contact sheet: {sheet})")
     return 0

@@ -18,6 +18,7 @@ on what else is in the batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Sequence
 
 import torch
@@ -26,32 +27,61 @@ from tqdm import tqdm
 SAMPLERS = ("ddim", "dpm")
 
 
-def _scheduler(model, sampler: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def make_scheduler(config, sampler: str = "ddim"):
+    """A sampling scheduler built from a base's noise-scheduler `config`.
 
-    cfg = dict(model.noise_scheduler.config)
-    # "trailing" spacing starts at the last training timestep (pure noise), which matters at the
-    # 10-30 steps used here (Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed").
-    # clip_sample comes from the model's own schedule: on for pixel-space toy models, off for latents.
+    "ddim" (eta 0) and "dpm" (DPM-Solver++ 2M) are the engine's own settings: "trailing" spacing
+    starts at the last training timestep (pure noise), which matters at the 10-30 steps used here
+    (Lin et al., "Common Diffusion Noise Schedules and Sample Steps Are Flawed"); clip_sample comes
+    from the base's schedule (on for pixel-space toy models, off for latents). Any other name is a
+    diffusers scheduler class (e.g. EulerDiscreteScheduler, UniPCMultistepScheduler), configured
+    from `config` as is, the way a stock pipeline's scheduler is swapped."""
+    cls = scheduler_class(sampler)
+    cfg = dict(config)
     if sampler == "ddim":
-        return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=False)
+        return cls.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=False)
     if sampler == "dpm":
-        return DPMSolverMultistepScheduler.from_config(cfg, timestep_spacing="trailing",
-                                                       algorithm_type="dpmsolver++", solver_order=2)
-    raise ValueError(f"sampler={sampler!r}; choose one of {SAMPLERS}")
+        return cls.from_config(cfg, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2)
+    return cls.from_config(cfg)
 
 
-def _latent_shape(model) -> tuple[int, int]:
+def scheduler_class(sampler: str) -> type:
+    """The diffusers class of a `make_scheduler` name; ValueError (with close names) for anything else."""
+    import diffusers
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+    if sampler in SAMPLERS:
+        return diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DPMSolverMultistepScheduler
+    cls = getattr(diffusers, sampler, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        close = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and sampler.lower() in n.lower())
+        hint = f"did you mean {' or '.join(close[:4])}?" if close else (
+            "e.g. DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, "
+            "EulerAncestralDiscreteScheduler, UniPCMultistepScheduler, PNDMScheduler")
+        raise ValueError(f"scheduler {sampler!r}: choose {' | '.join(SAMPLERS)} or a diffusers scheduler class "
+                         f"name; {hint}")
+    return cls
+
+
+def _latent_shape(model, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+    """(channels, h, w) of the sampled latents for an image of height x width pixels (None = the model's side)."""
     channels = int(model.unet.config.in_channels)
-    if model.vae is None:
-        return channels, int(model.resolution)
-    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return channels, int(model.resolution) // factor
+    height, width = height or int(model.resolution), width or int(model.resolution)
+    vae = 1 if model.vae is None else 2 ** (len(model.vae.config.block_out_channels) - 1)
+    unet = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    for name, v in (("height", height), ("width", width)):
+        if v < 1 or v % (vae * unet):
+            raise ValueError(f"{name}={v} must be a positive multiple of {vae * unet} for this model "
+                             f"(VAE factor {vae} x UNet downsampling {unet})")
+    return channels, height // vae, width // vae
 
 
-def initial_noise(seeds: Sequence[int], channels: int, side: int) -> torch.Tensor:
-    """(N, channels, side, side) float32 standard normal noise, sample i drawn from seeds[i] alone."""
-    return torch.stack([torch.randn(channels, side, side, generator=torch.Generator().manual_seed(int(s)))
+def initial_noise(seeds: Sequence[int], channels: int, height: int, width: int | None = None) -> torch.Tensor:
+    """(N, channels, height, width) float32 standard normal noise, sample i drawn from seeds[i] alone
+    (width defaults to height). The same numbers a stock pipeline draws for one image with
+    `generator=torch.Generator().manual_seed(seeds[i])`."""
+    width = height if width is None else width
+    return torch.stack([torch.randn(channels, height, width, generator=torch.Generator().manual_seed(int(s)))
                         for s in seeds])
 
 
@@ -68,7 +98,8 @@ def _has_adapters(unet) -> bool:
 @torch.no_grad()
 def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds: list[int], steps: int = 30,
              guidance: float = 5.0, user_guidance: float = 0.0, user_scale: float = 1.0, *,
-             sampler: str = "ddim", batch_size: int = 0, progress: bool = False) -> torch.Tensor:
+             sampler: str = "ddim", negative_prompt: str = "", height: int | None = None, width: int | None = None,
+             batch_size: int = 0, progress: bool = False) -> torch.Tensor:
     """Sample N images.
 
     Args:
@@ -79,8 +110,11 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
         steps: sampler steps. guidance: text classifier-free guidance scale (1 = off, one pass less).
         user_guidance: extra guidance away from the zero-embedding (user-agnostic) branch; 0 = off.
         user_scale: strength of the user attention branch (the adapters' scale) for this call.
-        sampler: "ddim" (eta 0) or "dpm" (DPM-Solver++ 2M). batch_size: samples per UNet call
-            (0 = all N at once). progress: show a tqdm bar over the batches.
+        sampler: "ddim" (eta 0), "dpm" (DPM-Solver++ 2M) or a diffusers scheduler class name
+            (`make_scheduler`). negative_prompt: the caption of the unconditional branch ("" = the
+            empty caption that caption dropout trains). height, width: image size in pixels (None =
+            the model's resolution). batch_size: samples per UNet call (0 = all N at once).
+            progress: show a tqdm bar over the batches.
     Returns:
         (N, 3, H, W) float32 images in [0, 1], on the CPU.
     """
@@ -98,6 +132,14 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
             raise ValueError("user_embeds given but the model's unet has no user adapters (load a run)")
     if user_guidance and user_embeds is None:
         raise ValueError("user_guidance needs user_embeds")
+    scheduler_class(sampler)  # a bad name fails before any work
+    if getattr(model, "family", None) == "cascade":
+        # Stage C samples at its training latent size; Stage B's output size follows from it.
+        if height or width:
+            raise ValueError("height/width: the cascade family samples at model.resolution; set that instead")
+        shape = None
+    else:
+        shape = _latent_shape(model, height, width)
     bs = batch_size if batch_size > 0 else n
     chunks = range(0, n, bs)
     out = []
@@ -105,18 +147,18 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
         sl = slice(start, start + bs)
         ue = None if user_embeds is None else user_embeds[sl]
         out.append(_generate_batch(model, list(prompts[sl]), ue, list(seeds[sl]), steps, guidance,
-                                   user_guidance, user_scale, sampler))
+                                   user_guidance, user_scale, sampler, negative_prompt, shape, height, width))
     return torch.cat(out)
 
 
-def _branches(model, prompts, user_embeds, guidance, user_guidance):
-    """The guidance branches stacked into one denoiser batch: [cond | empty (text CFG) | cond with
+def _branches(model, prompts, user_embeds, guidance, user_guidance, negative_prompt=""):
+    """The guidance branches stacked into one denoiser batch: [cond | negative (text CFG) | cond with
     zero user (user CFG)]. Returns (k, text states, pooled or None, user rows or None), k*N rows each."""
     n = len(prompts)
     cond = model.encode_text(prompts)
     states, pooled, embeds = [cond.states], [cond.pooled], [user_embeds]
     if guidance != 1.0:
-        empty = model.encode_text([""] * n)
+        empty = model.encode_text([negative_prompt] * n)
         states.append(empty.states)
         pooled.append(empty.pooled)
         embeds.append(user_embeds)
@@ -150,27 +192,32 @@ def _user_context(unet, user):
     return contextlib.nullcontext()
 
 
-def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale, sampler):
+def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale, sampler,
+                    negative_prompt, shape, height, width):
     if getattr(model, "family", None) == "cascade":
         return _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance,
-                                       user_scale, sampler)
+                                       user_scale, sampler, negative_prompt)
     unet = model.unet
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
     n = len(prompts)
-    sched = _scheduler(model, sampler)
+    sched = make_scheduler(model.noise_scheduler.config, sampler)
     sched.set_timesteps(steps, device=device)
-    channels, side = _latent_shape(model)
-    latents = initial_noise(seeds, channels, side).to(device=device, dtype=torch.float32) * sched.init_noise_sigma
+    channels, h, w = shape
+    latents = initial_noise(seeds, channels, h, w).to(device=device, dtype=torch.float32) * sched.init_noise_sigma
+    # Stochastic schedulers (ancestral, SDE) draw step noise: from the first seed, so a call repeats.
+    step_kwargs = {}
+    if "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs["generator"] = torch.Generator(device=device).manual_seed(int(seeds[0]))
 
-    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance)
+    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance, negative_prompt)
     text = text.to(device=device, dtype=dtype)
     added = None
     if pooled is not None:
         from ppd_engine.models import make_time_ids
 
-        res = int(model.resolution)
-        time_ids = make_time_ids((res, res), (0, 0), (res, res)).to(device=device, dtype=dtype).expand(k * n, 6)
+        size = (height or int(model.resolution), width or int(model.resolution))  # SDXL's micro-conditioning
+        time_ids = make_time_ids(size, (0, 0), size).to(device=device, dtype=dtype).expand(k * n, 6)
         added = model.added_cond(pooled.to(device=device, dtype=dtype), time_ids)
     if user is not None:
         user = user.to(device=device, dtype=torch.float32)
@@ -180,12 +227,13 @@ def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_gu
             x = sched.scale_model_input(latents, t).repeat(k, 1, 1, 1).to(dtype)
             kwargs = {"added_cond_kwargs": added} if added is not None else {}
             eps = unet(x, t, encoder_hidden_states=text, return_dict=False, **kwargs)[0].float()
-            latents = sched.step(_guided(eps, k, guidance, user_guidance), t, latents, return_dict=False)[0]
+            latents = sched.step(_guided(eps, k, guidance, user_guidance), t, latents, return_dict=False,
+                                 **step_kwargs)[0]
     return model.decode_latents(latents).float().cpu()
 
 
 def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale,
-                            sampler):
+                            sampler, negative_prompt=""):
     """Stable Cascade: the Stage C prior under the user branch with deterministic DDIM on the
     scheduler's cosine abar over t = 1 -> 0 (the prior pipeline's linspace), then Stage B + VQ
     (model.decode_latents). The prior pipeline's own sampler is stochastic DDPM; DDIM keeps
@@ -198,8 +246,9 @@ def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance,
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
     n = len(prompts)
-    latents = initial_noise(seeds, int(unet.config.in_channels), model.latent_side).to(device=device)
-    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance)
+    side = model.latent_side
+    latents = initial_noise(seeds, int(unet.config.in_channels), side, side).to(device=device)
+    k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance, negative_prompt)
     text = text.to(device=device, dtype=dtype)
     extra = model.denoiser_kwargs(pooled.to(device=device, dtype=dtype), None)
     if user is not None:

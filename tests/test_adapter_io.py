@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ppd_engine.adapters import (AdapterFileError, add_user_adapters, call_model, export_ip_adapter,
-                                 load_user_adapters, save_user_adapters, user_conditioning)
+                                 export_problem, ip_adapter_input, load_user_adapters, save_user_adapters, user_conditioning)
 from ppd_engine.testing.tiny_unets import tiny_batch, tiny_unet
 
 USER_DIM = 24
@@ -150,9 +150,13 @@ def _pipe(parts, unet):
     return pipe
 
 
-@pytest.mark.parametrize("projection,t_in", [("linear", 1), ("resampler", 3)])
-def test_export_loads_in_stock_diffusers(tmp_path, projection, t_in):
-    ours, handle = _trained("sd15", projection=projection, num_tokens=4)
+@pytest.mark.parametrize("projection,t_in,scale", [("linear", 1, 1.0), ("linear", 5, 0.6), ("resampler", 3, 1.0)])
+def test_export_loads_in_stock_diffusers(tmp_path, projection, t_in, scale):
+    """A T_in-token linear projection (its learned layer mix folded into ImageProjection over the
+    flattened input) and a training scale != 1 (folded into to_v_ip) act identically in stock diffusers."""
+    kw = {"in_tokens": t_in} if projection == "linear" else {}
+    ours, handle = _trained("sd15", projection=projection, num_tokens=4, scale=scale, **kw)
+    assert export_problem(ours) is None
     export_ip_adapter(ours, tmp_path / "ip_adapter.safetensors")
     keys = load_file(tmp_path / "ip_adapter.safetensors").keys()
     assert {k.split(".")[0] for k in keys} == {"image_proj", "ip_adapter"}
@@ -175,7 +179,10 @@ def test_export_loads_in_stock_diffusers(tmp_path, projection, t_in):
         kw = dict(prompt=prompt, height=16, width=16, num_inference_steps=3, guidance_scale=guidance,
                   output_type="latent")
         stock_in = torch.cat([u_neg, u]) if guidance > 1 else u
-        ref = stock(**kw, ip_adapter_image_embeds=[stock_in[:, None]],
+        stock_in = stock_in.flatten(1)[:, None] if projection == "linear" else stock_in[:, None]
+        if guidance > 1:  # the helper's same-user-twice form is the rows' equal halves
+            assert torch.equal(ip_adapter_input(u[0], handle.config, cfg=True)[1], stock_in[1])
+        ref = stock(**kw, ip_adapter_image_embeds=[stock_in],
                     generator=torch.Generator().manual_seed(5)).images
         ours_in = torch.cat([u_neg.expand(2, -1, -1), u.expand(2, -1, -1)]) if guidance > 1 else u.expand(2, -1, -1)
         with user_conditioning(ours, ours_in, 1.0):
@@ -190,7 +197,11 @@ def test_export_restrictions(tmp_path):
         export_ip_adapter(_trained("cascade")[0], tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="num_tokens=4.*num_tokens=8"):
         export_ip_adapter(_trained("sd15", num_tokens=8)[0], tmp_path / "x.safetensors")
-    with pytest.raises(ValueError, match="depth=4 and dim_head=64.*depth=2"):
+    with pytest.raises(ValueError, match="depth=4, dim_head=64 and ffn_ratio=4.*got depth=2"):
         export_ip_adapter(_trained("sd15", projection="resampler", resampler={"depth": 2})[0],
                           tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="got ffn_ratio=2"):
+        export_ip_adapter(_trained("sd15", projection="resampler", resampler={"ffn_ratio": 2})[0],
+                          tmp_path / "x.safetensors")
+    assert "num_tokens=4" in export_problem(_trained("sd15", num_tokens=2)[0])
     assert not os.listdir(tmp_path)

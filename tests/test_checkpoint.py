@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ppd_engine.config import load_config
 from ppd_engine.training import Trainer, load_run
 from ppd_engine.training import checkpoint as ckpt
-from ppd_engine.training.optim import build_optimizer, load_optimizer_state, save_optimizer_state
+from ppd_engine.training.optim import build_optimizer, load_optimizer_state, lr_at, save_optimizer_state
 from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 
 BASE = ["train.pairs_per_step=4", "train.micro_batch=2", "train.max_steps=6", "train.mixed_precision=fp32",
@@ -49,19 +49,26 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path):
+@pytest.mark.parametrize("schedule", [(), ("optim.scheduler=cosine",)])
+def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path, schedule):
     full = tmp_path / "full"
-    _fit(full)
+    _fit(full, schedule)
     # Killed during step 5 (after the step-3 checkpoint, 4 steps x 4 reads + 1 into step 5).
     crashed = tmp_path / "crashed"
     model = tiny_model("sd15")
     with pytest.raises(KeyboardInterrupt):
-        _fit(crashed, dataset=CrashAfter(make_items(model, 10), 4 * 4 + 1))
+        _fit(crashed, schedule, dataset=CrashAfter(make_items(model, 10), 4 * 4 + 1))
     assert [s for s, _ in ckpt.list_checkpoints(crashed)] == [3]
     assert len(_losses(crashed)) == 4
-    result = _fit(crashed, ["checkpoint.resume=latest"])
+    result = _fit(crashed, [*schedule, "checkpoint.resume=latest"])
     assert result.steps == 6
     assert _losses(crashed) == _losses(full)  # exact float equality, every step
+    with open(os.path.join(crashed, "metrics.jsonl")) as fh:
+        lrs = [r["lr"] for r in map(json.loads, fh)]
+    cfg = load_config(None, [*BASE, *schedule])
+    assert lrs == [lr_at(u, cfg.optim, 6) for u in range(6)]  # the schedule went on across the resume
+    if schedule:
+        assert lrs[1] == 1e-3 and all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] == 0.0
     a = load_file(str(full / "checkpoints/step-6/adapters.safetensors"))
     b = load_file(str(crashed / "checkpoints/step-6/adapters.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -69,6 +76,29 @@ def test_kill_and_resume_matches_uninterrupted_bitwise(tmp_path):
     ob = load_file(str(crashed / "checkpoints/step-6/optimizer-rank0.safetensors"))
     assert set(oa) == set(ob) and all(torch.equal(oa[k], ob[k]) for k in oa)
     assert any(v.dtype == torch.uint8 for v in oa.values())  # the 8-bit state went through the file
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_lr_schedules_follow_diffusers_get_scheduler(name):
+    """lr_at(u) is what diffusers' scheduler gives after u + 1 steps (no update spent at lr 0)."""
+    from diffusers.optimization import get_scheduler
+
+    warm = 0 if name == "constant" else 3
+    cfg = load_config(None, [f"optim.scheduler={name}", "optim.lr=2e-3", f"optim.warmup_steps={warm}",
+                             "optim.num_cycles=2", "optim.power=2.0"]).optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=10, num_cycles=2, power=2.0)
+    want = []
+    for _ in range(10):
+        sched.step()
+        want.append(opt.param_groups[0]["lr"])
+    assert [lr_at(u, cfg, 10) for u in range(10)] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert lr_at(0, cfg, 10) > 0
+    if name == "constant_with_warmup":  # the engine's former formula, unchanged
+        assert [lr_at(u, cfg, 10) for u in range(4)] == pytest.approx([2e-3 / 3, 4e-3 / 3, 2e-3, 2e-3])
+    with pytest.raises(Exception, match="optim.scheduler"):
+        load_config(None, ["optim.scheduler=onecycle"])
 
 
 def test_resume_rejects_changed_data_order(tmp_path):

@@ -72,16 +72,16 @@ def test_text_guidance_matches_reference_loop_and_seeds_are_per_sample():
 def test_dpm_sampler_runs_deterministically():
     from diffusers import DPMSolverMultistepScheduler
 
-    from ppd_engine.sampling import _scheduler
+    from ppd_engine.sampling import make_scheduler
 
     model = _model(seed=1)
-    sched = _scheduler(model, "dpm")
+    sched = make_scheduler(model.noise_scheduler.config, "dpm")
     assert isinstance(sched, DPMSolverMultistepScheduler) and sched.config.algorithm_type == "dpmsolver++"
     a = generate(model, PROMPTS[:2], None, [0, 1], steps=5, guidance=2.0, sampler="dpm")
     assert a.shape == (2, 3, 8, 8) and torch.isfinite(a).all()
     torch.testing.assert_close(generate(model, PROMPTS[:2], None, [0, 1], steps=5, guidance=2.0, sampler="dpm"), a,
                                rtol=0, atol=0)
-    with pytest.raises(ValueError, match="sampler"):
+    with pytest.raises(ValueError, match="scheduler 'euler'.*EulerDiscreteScheduler"):
         generate(model, PROMPTS[:1], None, [0], steps=2, sampler="euler")
 
 

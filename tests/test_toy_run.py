@@ -100,3 +100,48 @@ def test_sample_cli_errors(smoke_run, tmp_path, capsys):
     assert "nobody" in capsys.readouterr().err
     assert main(["--run", str(smoke_run), "--mix", "warm_bright", "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert main(["--run", str(tmp_path), "--user", "sunset", "--prompt", "x", "--out", str(tmp_path)]) == 2
+
+
+
+def test_export_of_the_toy_run_acts_identically_in_a_stock_unet(smoke_run, tmp_path, capsys):
+    """The toy run's multi-token input (a learned mix over T_in > 1) is exported, not refused, and a
+    stock UNet2DConditionModel with the exported IP-Adapter predicts what the run's model does.
+    The smoke run's 2 user tokens are refused, naming why."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from ppd_engine.adapters import get_user_adapters, user_conditioning
+    from ppd_engine.embed.store import EmbeddingStore
+    from ppd_engine.export import main
+    from ppd_engine.train import main as train
+    from ppd_engine.training import load_run
+
+    assert main(["--run", str(smoke_run), "--out", str(tmp_path / "no")]) == 2
+    assert "needs num_tokens=4" in capsys.readouterr().err
+    toy = tmp_path / "run"
+    saved = torch.get_num_threads()
+    try:  # the smoke run with the toy run's 4 user tokens
+        assert train(["--config", str(ROOT / "configs" / "toy_smoke.yaml"), f"log.run_dir={toy}",
+                      "adapters.num_tokens=4"]) == 0
+    finally:
+        torch.set_num_threads(saved)
+    out = tmp_path / "export"
+    assert main(["--run", str(toy), "--out", str(out), "--users", "sunset"]) == 0
+    assert "no stock diffusers pipeline" in (out / "README.md").read_text()
+    _, model = load_run(toy)
+    assert get_user_adapters(model.unet).config["in_tokens"] > 1
+    stock = UNet2DConditionModel.from_config(model.unet.config)
+    stock.load_state_dict({k: v for k, v in model.unet.state_dict().items()
+                           if not k.startswith("ppd_user_proj") and ".processor." not in k})
+    flat = load_file(out / "ip_adapter.safetensors")
+    nested = {g: {k[len(g) + 1:]: v for k, v in flat.items() if k.startswith(g + ".")} for g in ("image_proj", "ip_adapter")}
+    stock._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = model.encode_text(["a ring"]).states
+    e = EmbeddingStore(str(toy / "embeddings.safetensors")).get("sunset")[:1]
+    with torch.no_grad(), user_conditioning(model.unet, e, 1.0, drop=False):
+        want = model.unet(x, 500, encoder_hidden_states=text).sample
+    with torch.no_grad():
+        u = load_file(out / "users.safetensors")["sunset"]
+        got = stock(x, 500, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [u]}).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -12,11 +12,14 @@ io.py (files).
 from .attention import UserCrossAttnProcessor, UserState
 from .families import call_model, family_of
 from .handle import UserAdapters, add_user_adapters, get_user_adapters, user_conditioning
-from .io import AdapterFileError, export_ip_adapter, load_user_adapters, save_user_adapters
+from .io import (AdapterFileError, export_ip_adapter, export_problem, input_layout, ip_adapter_input,
+                 ip_adapter_state_dict, load_user_adapters, read_user_adapters, save_user_adapters,
+                 warn_if_not_exportable, write_ip_adapter)
 from .projection import LinearProjection, Resampler
 
 __all__ = [
     "AdapterFileError", "LinearProjection", "Resampler", "UserAdapters", "UserCrossAttnProcessor", "UserState",
-    "add_user_adapters", "call_model", "export_ip_adapter", "family_of", "get_user_adapters",
-    "load_user_adapters", "save_user_adapters", "user_conditioning",
+    "add_user_adapters", "call_model", "export_ip_adapter", "export_problem", "family_of", "get_user_adapters",
+    "input_layout", "ip_adapter_input", "ip_adapter_state_dict", "load_user_adapters", "read_user_adapters", "save_user_adapters",
+    "user_conditioning", "warn_if_not_exportable", "write_ip_adapter",
 ]

@@ -8,13 +8,16 @@ IP-Adapter export (UNet2DConditionModel only): `image_proj.*` in IP-Adapter's or
 naming (which diffusers' `_convert_ip_adapter_image_proj_to_diffusers` converts) and
 `ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`, numbered the way diffusers' loader walks
 `unet.attn_processors` (odd ids = the cross-attentions). Exportable: projection="linear" with
-in_tokens=1 and num_tokens=4 (diffusers rebuilds ImageProjection with 4 tokens), or
-projection="resampler" with depth=4 and dim_head=64 (rebuilt as IPAdapterPlusImageProjection).
-Stock diffusers applies the user branch with scale 1 (change with `pipe.set_ip_adapter_scale`).
+num_tokens=4 (diffusers rebuilds ImageProjection with 4 tokens) and any in_tokens (the learned
+layer mix is folded into one ImageProjection over the flattened T_in * user_dim input), or
+projection="resampler" with depth=4, dim_head=64, ffn_ratio=4 (rebuilt as
+IPAdapterPlusImageProjection). The training scale is folded into `to_v_ip`, so stock diffusers'
+IP-Adapter scale 1 is the trained strength (`pipe.set_ip_adapter_scale` multiplies it).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -26,6 +29,8 @@ from ppd_engine.files import save_safetensors_atomic
 
 from .families import PROJECTION_NAME
 from .handle import UserAdapters, add_user_adapters, get_user_adapters
+
+logger = logging.getLogger(__name__)
 
 _META_KEY = "ppd_user_adapters"
 
@@ -42,7 +47,8 @@ def save_user_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     save_safetensors_atomic(tensors, path, {_META_KEY: json.dumps(handle.config)})
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_user_adapters(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a file written by `save_user_adapters`, without a model."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path} does not exist")
@@ -67,7 +73,7 @@ def load_user_adapters(model: nn.Module, path: str | os.PathLike) -> UserAdapter
     On a model without adapters, they are first added with the file's config; on a model that
     has them, the config must agree. Strict: any missing or unexpected key or shape mismatch
     raises AdapterFileError naming the key and both shapes; nothing is copied in that case."""
-    config, tensors = _read(path)
+    config, tensors = read_user_adapters(path)
     if config.get("model_class") != type(model).__name__:
         raise AdapterFileError(f"{path} holds adapters for {config.get('model_class')}, not {type(model).__name__}")
     handle = getattr(model, "_ppd_user_adapters", None)
@@ -135,45 +141,64 @@ def _resampler_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def export_ip_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapters of a UNet2DConditionModel in diffusers' IP-Adapter layout to `path`.
+def _linear_to_image_projection(cfg: dict, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LinearProjection -> IP-Adapter's ImageProjection keys (`proj`, `norm`).
 
-    Load in stock diffusers with
-        pipe.load_ip_adapter(folder, subfolder="", weight_name=name, image_encoder_folder=None)
-    and generate for ONE user per call (stock pipelines repeat the IP-Adapter input over the
-    prompts) with `ip_adapter_image_embeds=[u[:, None]]`, u: (1, user_dim) or (1, 1, user_dim)
-    for "linear", (1, T_in, user_dim) for "resampler"; under classifier-free guidance stack the
-    negative user first: `[torch.cat([u_neg, u])[:, None]]`. Raises ValueError for a model or
-    projection the layout cannot express (see the module docstring)."""
-    handle = get_user_adapters(model)
-    cfg = handle.config
-    if cfg["family"] != "unet2d":
-        raise ValueError(f"IP-Adapter export exists for UNet2DConditionModel only; this is {cfg['model_class']}")
-    proj_sd = {k: v.detach().cpu().contiguous() for k, v in handle.projection.state_dict().items()}
-    if cfg["projection"] == "linear":
-        if cfg["in_tokens"] != 1 or cfg["num_tokens"] != 4:
-            raise ValueError("export of the linear projection needs in_tokens=1 and num_tokens=4 (diffusers rebuilds "
-                             f"ImageProjection with 4 tokens from one vector); got in_tokens={cfg['in_tokens']}, "
-                             f"num_tokens={cfg['num_tokens']}")
-        image_proj = proj_sd
+    With T_in > 1 tokens the projection is W (sum_t w_t e_t) + b, w = softmax(layer_logits): a linear
+    map of the flattened input [e_1, ..., e_T], so it is exactly ImageProjection over T_in * user_dim
+    inputs with the weight [w_1 W | ... | w_T W] (equal up to the order of fp32 summation)."""
+    if cfg["num_tokens"] != 4:
+        raise ValueError("export of the linear projection needs num_tokens=4: diffusers' loader rebuilds "
+                         "ImageProjection with 4 tokens whatever the weights hold (cross_attention_dim = "
+                         f"rows / 4), so num_tokens={cfg['num_tokens']} would load with the wrong token width")
+    out = {"proj.weight": sd["proj.weight"], "proj.bias": sd["proj.bias"], "norm.weight": sd["norm.weight"],
+           "norm.bias": sd["norm.bias"]}
+    if cfg["in_tokens"] > 1:
+        w = torch.softmax(sd["layer_logits"].double(), 0)
+        out["proj.weight"] = torch.cat([(wt * sd["proj.weight"].double()).float() for wt in w], dim=1)
+    return out
+
+
+def ip_adapter_state_dict(config: dict, tensors: dict[str, torch.Tensor], unet: nn.Module
+                          ) -> dict[str, dict[str, torch.Tensor]]:
+    """{"image_proj": ..., "ip_adapter": ...}: adapters in diffusers' IP-Adapter layout for `unet`.
+
+    `config`/`tensors`: the adapter config and the model-level parameter names of our format (what
+    `save_user_adapters` writes, or `handle.config` / `handle.state_dict()`); `unet`: the base
+    UNet2DConditionModel (with or without our processors; only its layout is read). The dict is what
+    `pipe.load_ip_adapter(dict, subfolder="", weight_name="", image_encoder_folder=None)` takes. The
+    adapters' training scale s is folded into `to_v_ip` (the user term is linear in V), so stock
+    diffusers' default IP-Adapter scale 1.0 is the trained strength. Raises ValueError saying why a
+    configuration cannot be expressed in that layout."""
+    if config.get("family") != "unet2d":
+        raise ValueError(f"IP-Adapter export exists for UNet2DConditionModel only (diffusers loads IP-Adapters "
+                         f"into that class alone); these adapters are for {config.get('model_class')}")
+    prefix = PROJECTION_NAME + "."
+    proj_sd = {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in tensors.items() if k.startswith(prefix)}
+    if config["projection"] == "linear":
+        image_proj = _linear_to_image_projection(config, proj_sd)
     else:
-        hp = cfg["resampler"]
-        if hp["depth"] != 4 or hp["dim_head"] != 64:
-            raise ValueError(f"export of the resampler needs depth=4 and dim_head=64 (what diffusers rebuilds); "
-                             f"got depth={hp['depth']}, dim_head={hp['dim_head']}")
+        hp = config["resampler"]
+        wanted = {"depth": 4, "dim_head": 64, "ffn_ratio": 4}
+        bad = {k: hp.get(k) for k, v in wanted.items() if hp.get(k) != v}
+        if bad:
+            raise ValueError("export of the resampler needs depth=4, dim_head=64 and ffn_ratio=4 (what diffusers' "
+                             "loader rebuilds IPAdapterPlusImageProjection with); got "
+                             + ", ".join(f"{k}={v}" for k, v in bad.items()))
         image_proj = _resampler_to_original(proj_sd)
 
-    tensors = {f"image_proj.{k}": v for k, v in image_proj.items()}
-    blocks = list(model.config.block_out_channels)
+    scale = float(config.get("scale", 1.0))
+    blocks = list(unet.config.block_out_channels)
+    layers: dict[str, torch.Tensor] = {}
     key_id = 1
-    exported = set()
-    for name in model.attn_processors:
-        if name.startswith(PROJECTION_NAME + ".") or name.endswith("attn1.processor"):
+    exported = []
+    for name in unet.attn_processors:
+        if name.startswith(prefix) or name.endswith("attn1.processor"):
             continue
         module = name[: -len(".processor")]
-        if module not in handle.processors:
+        k_key, v_key = f"{module}.processor.to_k_ip.weight", f"{module}.processor.to_v_ip.weight"
+        if k_key not in tensors:
             raise ValueError(f"diffusers' loader expects an IP-Adapter layer at {module}, which has no user branch")
-        proc = handle.processors[module]
         # The hidden size diffusers' loader assumes for this layer; a model whose attention width
         # differs from its block width cannot be expressed in this layout.
         if name.startswith("mid_block"):
@@ -182,14 +207,77 @@ def export_ip_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             hidden = blocks[::-1][int(name.split(".")[1])]
         else:
             hidden = blocks[int(name.split(".")[1])]
-        if proc.to_k_ip.out_features != hidden:
-            raise ValueError(f"{module}: attention width {proc.to_k_ip.out_features} != block width {hidden}; "
+        if tensors[k_key].shape[0] != hidden:
+            raise ValueError(f"{module}: attention width {tensors[k_key].shape[0]} != block width {hidden}; "
                              "diffusers' IP-Adapter loader cannot rebuild it")
-        tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc.to_k_ip.weight.detach().cpu().contiguous()
-        tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc.to_v_ip.weight.detach().cpu().contiguous()
-        exported.add(module)
+        layers[f"{key_id}.to_k_ip.weight"] = tensors[k_key].detach().cpu().contiguous()
+        layers[f"{key_id}.to_v_ip.weight"] = (tensors[v_key].detach().cpu() * scale).contiguous()
+        exported.append(module)
         key_id += 2
-    if exported != set(handle.processors):
-        raise ValueError(f"layers with a user branch that the IP-Adapter layout cannot hold: "
-                         f"{sorted(set(handle.processors) - exported)}")
-    save_safetensors_atomic(tensors, path, {"format": "pt", "source": "ppd_engine.export_ip_adapter"})
+    missing = sorted(set(config.get("modules", [])) - set(exported))
+    if missing:
+        raise ValueError(f"layers with a user branch that the IP-Adapter layout cannot hold: {missing}")
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def export_problem(model: nn.Module) -> str | None:
+    """Why the adapters of `model` cannot be exported with `export_ip_adapter`, or None when they can."""
+    handle = get_user_adapters(model)
+    try:
+        ip_adapter_state_dict(handle.config, handle.state_dict(), model)
+    except (ValueError, KeyError) as exc:
+        return str(exc)
+    return None
+
+
+def warn_if_not_exportable(model: nn.Module) -> str | None:
+    """Log a warning (and return the reason) when `ppd export` would refuse these adapters; training
+    calls it at start-up so the problem shows before the run, not after it."""
+    problem = export_problem(model)
+    if problem is not None:
+        logger.warning("these adapters cannot be exported to diffusers' IP-Adapter layout (ppd export will "
+                       "refuse them): %s", problem)
+    return problem
+
+
+def export_ip_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Write the adapters of a UNet2DConditionModel in diffusers' IP-Adapter layout to `path`.
+
+    Load in stock diffusers with
+        pipe.load_ip_adapter(folder, subfolder="", weight_name=name, image_encoder_folder=None)
+    and pass `ip_adapter_image_embeds=[e]` with e = `ip_adapter_input(u, config, cfg=True)` (the
+    flattened (1, T_in * user_dim) vector for "linear", the (T_in, user_dim) tokens for "resampler",
+    stacked twice under classifier-free guidance: the engine conditions both text branches on the
+    user). Returns the adapter config. Raises ValueError for a model or projection the layout cannot
+    express (see `ip_adapter_state_dict`)."""
+    handle = get_user_adapters(model)
+    sd = ip_adapter_state_dict(handle.config, handle.state_dict(), model)
+    write_ip_adapter(sd, handle.config, path)
+    return handle.config
+
+
+def write_ip_adapter(sd: dict[str, dict[str, torch.Tensor]], config: dict, path: str | os.PathLike) -> None:
+    """Save an `ip_adapter_state_dict` as one safetensors file (`image_proj.*`, `ip_adapter.*`; atomic)."""
+    tensors = {f"{group}.{k}": v for group, part in sd.items() for k, v in part.items()}
+    save_safetensors_atomic(tensors, path, {"format": "pt", "source": "ppd_engine.export_ip_adapter",
+                                            "ppd_input": input_layout(config), _META_KEY: json.dumps(config)})
+
+
+def input_layout(config: dict) -> str:
+    """How a user embedding (T_in, user_dim) enters the exported projection: "flat" = one vector of
+    T_in * user_dim (ImageProjection), "tokens" = T_in tokens (IPAdapterPlusImageProjection)."""
+    return "flat" if config["projection"] == "linear" else "tokens"
+
+
+def ip_adapter_input(user_embeds: torch.Tensor, config: dict, cfg: bool = True) -> torch.Tensor:
+    """One user's embedding (T_in, user_dim) -> the tensor a stock pipeline's `ip_adapter_image_embeds`
+    list holds for these adapters: (1, 1, T_in * user_dim) ("flat") or (1, 1, T_in, user_dim)
+    ("tokens"); with `cfg` (guidance_scale > 1) the same user twice, (2, ...), as the pipelines
+    split it into a negative and a positive half and the engine conditions both on the user."""
+    e = torch.as_tensor(user_embeds).float()
+    t_in_ok = e.dim() == 2 and (config["projection"] != "linear" or e.shape[0] == config["in_tokens"])
+    if not t_in_ok or e.shape[-1] != config["user_dim"]:
+        t_in = config["in_tokens"] if config["projection"] == "linear" else "T_in"
+        raise ValueError(f"a user embedding for these adapters is ({t_in}, {config['user_dim']}); got {tuple(e.shape)}")
+    e = e.reshape(1, 1, -1) if input_layout(config) == "flat" else e[None, None]
+    return torch.cat([e, e]) if cfg else e

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import logging
 import math
 import os
 import types
@@ -30,6 +31,8 @@ import yaml
 from ppd_engine.config.schema import CANONICAL, Config, ConfigError, DTypeName, config_class
 from ppd_engine.dtypes import canonical_dtype
 from ppd_engine import world as _world
+
+logger = logging.getLogger(__name__)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -207,6 +210,8 @@ def apply_override(cfg: Any, override: str) -> None:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     path, raw = override.split("=", 1)
     path = path.strip()
+    if path == "log.tensorboard":
+        path, raw = "log.report_to", _legacy_tensorboard(raw, "override log.tensorboard")
     parts = path.split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -279,6 +284,16 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"{cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0")
+    need(o.num_cycles >= 1, "optim.num_cycles", f"{o.num_cycles} must be >= 1")
+    need(o.power > 0, "optim.power", f"{o.power} must be > 0")
+    need(not (o.scheduler == "constant" and o.warmup_steps), "optim.warmup_steps",
+         f"{o.warmup_steps} with optim.scheduler=constant, which has no warmup (use constant_with_warmup)")
+    from ppd_engine.trackers import resolve_trackers
+
+    try:  # the names always; whether they are installed only for a run that will start
+        resolve_trackers(cfg.log.report_to, check_installed=runnable)
+    except ValueError as exc:
+        raise ConfigError(f"log.report_to: {exc}") from None
     from ppd_engine.models import FAMILIES
 
     need(cfg.model.family in FAMILIES, "model.family",
@@ -375,7 +390,21 @@ def read_yaml(path: str | os.PathLike) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a config must be a mapping of sections, got {type(data).__name__}")
+    log = data.get("log")
+    if isinstance(log, dict) and "tensorboard" in log:
+        if "report_to" in log:
+            raise ConfigError(f"{p}: log.tensorboard and log.report_to are both given; keep log.report_to")
+        log = {("report_to" if k == "tensorboard" else k): (_legacy_tensorboard(v, f"{p}: log.tensorboard")
+                                                           if k == "tensorboard" else v) for k, v in log.items()}
+        data = dict(data, log=log)
     return data
+
+
+def _legacy_tensorboard(value: Any, where: str) -> str:
+    """The log.report_to value of an old `log.tensorboard` boolean (run folders written before it)."""
+    on = _convert(yaml.safe_load(value) if isinstance(value, str) else value, bool, "log.tensorboard")
+    logger.warning("%s is replaced by log.report_to; read as log.report_to=%s", where, "tensorboard" if on else "none")
+    return "tensorboard" if on else "none"
 
 
 def _merge(low: dict, high: dict) -> dict:

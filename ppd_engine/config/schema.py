@@ -143,7 +143,14 @@ class OptimConfig:
     name: Literal["adamw8bit", "adamw", "adafactor"] = _f(
         "adamw8bit", "adamw8bit (bitsandbytes AdamW8bit) | adamw (torch) | adafactor")
     lr: float = _f(1e-5, "peak learning rate (paper: 1e-5; 3e-6 for the real-user run)")
-    warmup_steps: int = _f(0, "linear warmup length of the constant-with-warmup schedule (optimizer updates)")
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                       "polynomial"] = _f(
+        "constant_with_warmup", "learning-rate schedule over the optimizer updates (diffusers.optimization."
+        "get_scheduler's): constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial; "
+        "the decaying ones reach their end at the run's last step")
+    warmup_steps: int = _f(0, "linear warmup length in optimizer updates (every schedule but constant)")
+    num_cycles: int = _f(1, "cosine_with_restarts: number of hard restarts")
+    power: float = _f(1.0, "polynomial: power of the decay (1 = linear); it decays to lr_end = 1e-7")
     weight_decay: float = _f(1e-2, "decoupled weight decay")
     betas: list[float] = _f([0.9, 0.999], "Adam betas (beta1, beta2)")
     eps: float = _f(1e-8, "Adam epsilon")
@@ -163,10 +170,15 @@ class DistConfig:
 
 @dataclass
 class LogConfig:
-    """Run folder, metrics, TensorBoard, sample grids."""
+    """Run folder, metrics, experiment trackers, sample grids."""
 
     run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>")
-    tensorboard: bool = _f(True, "also write TensorBoard events to RUN/tb when tensorboard is installed")
+    report_to: str = _f(
+        "tensorboard", "experiment trackers (through accelerate's): none | tensorboard (RUN/tb) | wandb | mlflow | "
+        "all (every one installed), or a comma list such as tensorboard,wandb; the resolved config is logged as "
+        "hyper-parameters and sample grids as images; a requested tracker that is not installed is an error "
+        "at start-up (replaces log.tensorboard, still read: true = tensorboard, false = none)")
+    project: str = _f("ppd_engine", "wandb project / MLflow experiment the run is logged under")
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_every: int = _f(0, "write RUN/samples/step-N.png every this many steps; 0 = never")
     sample_prompts: list[str] = _f(["a photo of a cat", "a mountain lake at sunrise"],

@@ -1,9 +1,11 @@
-"""What a run reports: RUN/metrics.jsonl (one line per step), TensorBoard events, the tqdm bar and
-sample grids. Only rank 0 writes; the numbers are already averaged over ranks.
+"""What a run reports: RUN/metrics.jsonl (one line per step), the trackers of log.report_to
+(ppd_engine/trackers.py: TensorBoard, wandb, MLflow), the tqdm bar and sample grids. Only rank 0
+writes; the numbers are already averaged over ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,26 +48,31 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 
 
 class MetricsLogger:
-    """metrics.jsonl + optional TensorBoard + tqdm bar, for rank 0 (other ranks get a silent one)."""
+    """metrics.jsonl + the trackers of `report_to` + tqdm bar, for rank 0 (other ranks get a silent one).
+
+    `hparams`: the resolved config (a nested dict), logged to every tracker at start. While the bar
+    is shown, log records go through tqdm (logging_redirect_tqdm) so they do not break its line."""
 
     def __init__(self, run_dir: str | os.PathLike, total_steps: int, start_step: int, enabled: bool,
-                 tensorboard: bool, progress: bool):
+                 report_to: str, progress: bool, hparams: dict | None = None, project: str = "ppd_engine"):
+        from ppd_engine.trackers import flat_hparams, resolve_trackers, start_trackers
+
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = None
+        self.trackers: list = []
         self.bar = None
+        self._redirect = contextlib.ExitStack()
         if not enabled:
             return
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1)
-            except ImportError:  # tensorboard not installed: jsonl only
-                self.tb = None
+        self.trackers = start_trackers(resolve_trackers(report_to), run_dir, project, start_step)
+        if hparams is not None:
+            for t in self.trackers:
+                t.store_init_configuration(flat_hparams(hparams))
         if progress:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            self._redirect.enter_context(logging_redirect_tqdm())
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, row: dict) -> None:
@@ -75,37 +82,34 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
         step = row["step"]
-        if self.tb is not None:
-            for k in METRIC_KEYS + ("skipped", "bad_steps_total"):
-                v = row.get(k)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, step)
+        if self.trackers:
+            values = {f"train/{k}": row[k] for k in METRIC_KEYS + ("skipped", "bad_steps_total")
+                      if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+            for t in self.trackers:
+                t.log(values, step=step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}",
                                  lr=f"{row['lr']:.2e}", pairs_s=f"{row['pairs_per_s']:.1f}", refresh=False)
             self.bar.update(1)
 
     def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        if self.enabled and self.tb is not None:
-            self.tb.add_image(tag, grid, step)
+        """A (3, H, W) image in [0, 1] to every tracker."""
+        for t in self.trackers if self.enabled else ():
+            t.log_image(tag, grid, step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
+        self._redirect.close()
+        for t in self.trackers:
+            t.finish()
 
 
 def save_grid_png(images: torch.Tensor, nrow: int, path: str | os.PathLike) -> torch.Tensor:
-    """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` and write a PNG (temp name + rename).
+    """Tile (N, 3, H, W) images in [0, 1] into rows of `nrow` (torchvision's make_grid, 2 px white
+    padding) and write a PNG (temp name + rename). Returns the (3, H', W') grid."""
+    from torchvision.utils import make_grid
 
-    Returns the (3, H', W') grid."""
-
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = images[i].float().cpu()
+    grid = make_grid(images.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
     save_image_atomic(grid, path)
     return grid

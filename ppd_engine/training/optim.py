@@ -1,11 +1,12 @@
-"""Optimizers (adamw8bit, adamw, adafactor), the constant-with-warmup schedule, and optimizer state
-as safetensors + JSON (no pickle).
+"""Optimizers (adamw8bit, adamw, adafactor), learning-rate schedules (diffusers.optimization's), and
+optimizer state as safetensors + JSON (no pickle).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -40,11 +41,27 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch
     raise ValueError(f"optim.name: {cfg.name!r} is not one of adamw8bit, adamw, adafactor")
 
 
-def lr_at(update: int, cfg: OptimConfig) -> float:
-    """Constant-with-warmup: lr * min(1, (update + 1) / warmup_steps); `update` counts applied steps."""
-    if cfg.warmup_steps <= 0:
-        return cfg.lr
-    return cfg.lr * min(1.0, (update + 1) / cfg.warmup_steps)
+def lr_at(update: int, cfg: OptimConfig, total_updates: int) -> float:
+    """The learning rate of optimizer update `update` (0-based, counting applied updates only) in a
+    run of `total_updates`: cfg.lr x the multiplier of diffusers' `get_scheduler(cfg.scheduler)`
+    after update + 1 schedule steps. A pure function of the count (no scheduler state), so a resumed
+    run continues the schedule bit for bit. The "+ 1" spends no update at lr 0: warmup's first
+    update has lr / warmup_steps (a LambdaLR stepped after each update would start at 0)."""
+    return cfg.lr * _multiplier(cfg.scheduler, cfg.lr, cfg.warmup_steps, max(1, total_updates), cfg.num_cycles,
+                                cfg.power)(update + 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _multiplier(name: str, lr: float, warmup: int, total: int, num_cycles: int, power: float
+                ) -> Callable[[int], float]:
+    """The schedule's step -> multiplier function, read out of the LambdaLR that get_scheduler builds
+    (on a throw-away optimizer: polynomial's multiplier depends on the initial lr)."""
+    from diffusers.optimization import get_scheduler
+
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles,
+                          power=power)
+    return sched.lr_lambdas[0]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

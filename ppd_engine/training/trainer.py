@@ -18,7 +18,7 @@ from typing import Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ppd_engine.config import Config, save_config
+from ppd_engine.config import Config, config_to_dict, save_config
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
@@ -128,7 +128,7 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
 
     def _add_adapters(self) -> None:
-        from ppd_engine.adapters import add_user_adapters
+        from ppd_engine.adapters import add_user_adapters, warn_if_not_exportable
 
         t, a = self.cfg.train, self.cfg.adapters
         # Same seed on every rank: identical adapter initialisation, which FSDP's sharding relies on
@@ -144,6 +144,8 @@ class Trainer:
                                           # low-precision compute. Passing it here (not .float()
                                           # afterwards) keeps the saved adapter config truthful.
                                           dtype=torch.float32)
+        if self.env.is_main:
+            warn_if_not_exportable(unet)
         if t.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -283,7 +285,7 @@ class Trainer:
         bad = torch.tensor([0.0 if (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())) else 1.0],
                            device=env.device)
         bad = bool(all_reduce_sum(bad, env).item() > 0)
-        lr = lr_at(self.updates, cfg.optim)
+        lr = lr_at(self.updates, cfg.optim, self.total_steps)
         if bad:
             # Nothing is applied: parameters and optimizer state stay those of the last good step.
             self.bad_total += 1
@@ -391,8 +393,8 @@ class Trainer:
         steps and at the end. Raises BadStepsError (after checkpointing the last good state) when
         more than train.max_bad_steps consecutive steps are non-finite."""
         cfg, env = self.cfg, self.env
-        metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main,
-                                cfg.log.tensorboard, cfg.log.progress)
+        metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main, cfg.log.report_to,
+                                cfg.log.progress, hparams=config_to_dict(cfg), project=cfg.log.project)
         row: dict = {}
         saved_at = self.step if self.resume_from is not None else -1
         try:
