@@ -1,0 +1,67 @@
+"""The method's experiments: beta in the paper's units, the sweep launcher, baselines as config keys."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
+
+FAST = ["train.pairs_per_step=2", "train.micro_batch=2", "train.mixed_precision=fp32", "optim.lr=1e-3",
+        "optim.name=adamw", "log.tensorboard=false", "log.progress=false", "checkpoint.every=0"]
+
+
+def test_official_beta_conversion_and_errors():
+    from ppd_engine.losses import official_beta
+
+    assert official_beta(5000.0, "official", 1000) == 5000.0
+    assert official_beta(2.5, "paper", 1000) == 5000.0
+    with pytest.raises(ValueError, match="beta_units"):
+        official_beta(1.0, "nats", 1000)
+    with pytest.raises(ValueError, match="training timesteps"):
+        official_beta(1.0, "paper", 0)
+
+
+def test_paper_logit_is_minus_beta_T_delta():
+    """preference_loss at official_beta(paper) has the paper's logit -beta*T*w*delta, computed here by hand."""
+    from ppd_engine.losses import official_beta, preference_loss
+
+    g = torch.Generator().manual_seed(3)
+    policy, ref, target = (torch.randn(6, 4, 5, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    beta_paper, T = 0.7, 1000
+    e = lambda p: ((p - target) ** 2).mean(dim=(1, 2, 3))
+    em, er = e(policy), e(ref)
+    delta = (em[:3] - er[:3]) - (em[3:] - er[3:])
+    logit = -beta_paper * T * w * delta
+    out = preference_loss("sigmoid", policy.float(), ref.float(), target.float(),
+                          beta=official_beta(beta_paper, "paper", T), weight=w.float())
+    assert out.inside.double() == pytest.approx(logit.tolist(), rel=1e-4)
+    assert out.loss.item() == pytest.approx(torch.nn.functional.softplus(-logit).mean().item(), rel=1e-4)
+
+
+def _second_step(tmp_path, name, overrides):
+    from ppd_engine.config import load_config
+    from ppd_engine.training import Trainer
+
+    model = tiny_model("sd15")
+    cfg = load_config(None, [*FAST, "train.max_steps=2", *overrides])
+    Trainer(cfg, model, make_items(model, 2), make_embeddings(), str(tmp_path / name)).fit()
+    with open(tmp_path / name / "metrics.jsonl") as fh:
+        # Step 1 starts at policy == reference (zero-initialised adapters): step 2 sees beta.
+        return [json.loads(line) for line in fh][1]
+
+
+def test_trainer_paper_units_equal_official_with_derived_beta(tmp_path):
+    """The Trainer converts loss.beta_units=paper: the same run in both units logs the same step; a
+    beta_paper read as official (no conversion) would not."""
+    T = tiny_model("sd15").num_train_timesteps
+    beta_paper = 0.02
+    paper = _second_step(tmp_path, "paper", [f"loss.beta={beta_paper}", "loss.beta_units=paper"])
+    official = _second_step(tmp_path, "official", [f"loss.beta={2 * T * beta_paper}"])
+    unconverted = _second_step(tmp_path, "raw", [f"loss.beta={beta_paper}"])
+    for key in ("loss", "reward_margin", "implicit_acc"):
+        assert paper[key] == pytest.approx(official[key], rel=1e-6, abs=1e-9), key
+    assert paper["reward_margin"] != pytest.approx(unconverted["reward_margin"], rel=1e-3)
