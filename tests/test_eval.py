@@ -137,7 +137,7 @@ def test_markdown_report_and_json(tmp_path):
     judge = {"a_vs_b": {"win_rate": 0.75, "kept": 4, "dropped": 1}}
     md = markdown_report(s, ckpts, judge, "T")
     assert "| pickscore | 2.0000 | 2.0000 |" in md
-    assert "| pickscore | 0.500 |" in md              # (1 + 0.5 + 0) / 3
+    assert "| pickscore | all | 0.500 [" in md        # (1 + 0.5 + 0) / 3, then its interval
     assert "| a vs b | 0.750 | 4 | 1 |" in md
     assert "| X | 2.5000 | 2.5000 |" in md and "| Y | 1.0000 | 1.0000 |" in md
     write_json(tmp_path / "r.json", {"x": float("nan"), "y": [1.5]})

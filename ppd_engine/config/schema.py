@@ -130,6 +130,8 @@ class TrainConfig:
     pairs_per_step: int = _f(768, "effective batch in preference pairs over all ranks (paper: 768)")
     micro_batch: int = _f(8, "pairs per forward/backward on one rank (gradient accumulation fills the rest)")
     empty_caption_prob: float = _f(0.2, "probability a pair's caption is replaced by the empty caption")
+    personalized: bool = _f(True, "false = the non-personalized Diffusion-DPO baseline: the same adapters fed the "
+                                  "zero user embedding (recorded in each checkpoint's state.json; eval reads it)")
     user_dropout: float = _f(0.1, "probability a pair's user embedding is zeroed (trains the user-agnostic branch)")
     grad_clip: float = _f(1.0, "max global gradient L2 norm; 0 = no clipping")
     mixed_precision: Literal["bf16", "fp32"] = _f(

@@ -25,9 +25,18 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
     if checkpoints:
         g.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                        help="a training run folder to evaluate, optionally named; repeat for each run "
-                            "(e.g. --run ppd=runs/ppd --run dpo=runs/dpo). The first listed is 'first' "
-                            "in win rates.")
+                            "(e.g. --run ppd=runs/ppd --run dpo=runs/dpo). NAME=base is the frozen base "
+                            "without adapters (same prompts, seeds, scheduler, guidance); every run's win "
+                            "rate is against it. Otherwise the first listed is 'first' in win rates. A "
+                            "run's kind (ppd | dpo | sft) is read from its config.yaml and state.json")
         add_checkpoint(g)
+        g.add_argument("--base-config", default=None,
+                       help="config.yaml the base model of NAME=base is built from (default: the first "
+                            "listed run's)")
+        g.add_argument("--caption-profile", action="append", default=[], metavar="NAME",
+                       help="sample checkpoint NAME with the user's parsed 'User Profile' appended to every "
+                            "caption, cut to the text encoder's token limit (the prompted-base baseline: "
+                            "--run prompted=base --caption-profile prompted); repeatable")
         g.add_argument("--no-user", action="append", default=[], metavar="NAME",
                        help="a checkpoint trained non-personalized (the Diffusion-DPO baseline): "
                             "sample it with the zero user embedding it was trained with; repeatable. "
@@ -35,9 +44,10 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
     g.add_argument("--store", required=True,
                    help="user-embedding store (.safetensors written by python -m ppd_engine.embed)")
     g.add_argument("--users", nargs="+", default=None, metavar="USER",
-                   help="user ids to evaluate (default: the store's users, see --num-users)")
+                   help="seen | unseen | all (by the role a run's users.json or the store records) or "
+                        "user ids (default: all)")
     g.add_argument("--num-users", type=int, default=None,
-                   help="evaluate the first N users of the store (default: all)")
+                   help="evaluate the first N of the selected users (default: all)")
     g.add_argument("--embed-index", type=int, default=0,
                    help="which of a user's K stored few-shot embeddings conditions sampling (default 0)")
     g.add_argument("--prompts", default="parti",
@@ -163,19 +173,26 @@ def _score_all(args, out: str, manifest: dict) -> dict:
 def _generate(args, checkpoints) -> dict:
     from ppd_engine.embed.store import EmbeddingStore
 
-    from .evaluate import run_generation, select_users
+    from .evaluate import clip_tokenizer, run_generation
     from .prompts import load_prompts
+    from .users import ProfileCaptions, check_unseen_embeddings, select_users, user_roles
 
     prompt_set = load_prompts(args.prompts, args.limit, args.pickapic_dir)
     store = EmbeddingStore(args.store)
-    users = select_users(store.users(), args.users, args.num_users)
-    print(f"{len(prompt_set.prompts)} prompts ({prompt_set.name}), {len(users)} users, "
+    roles, source = user_roles([c.run_dir for c in checkpoints if not c.is_base], store)
+    users = select_users(store.users(), args.users, args.num_users, roles)
+    check_unseen_embeddings(users, roles, store, args.embed_index)
+    n_unseen = sum(roles.get(u, {}).get("role") == "unseen" for u in users)
+    print(f"{len(prompt_set.prompts)} prompts ({prompt_set.name}), {len(users)} users "
+          f"({n_unseen} unseen{', roles from ' + source if source else ', no roles recorded'}), "
           f"{len(checkpoints)} checkpoints -> {args.out}")
     return run_generation(checkpoints, prompt_set, users, store, args.out, seed=args.seed,
                           batch_size=args.gen_batch_size, embed_index=args.embed_index,
                           device=resolve_device(args.device), progress=args.progress, steps=args.steps,
                           guidance=args.guidance, user_guidance=args.user_guidance,
-                          user_scale=args.user_scale)
+                          user_scale=args.user_scale, base_config=getattr(args, "base_config", None),
+                          roles=roles, profile_captions=lambda cfg: ProfileCaptions(
+                              clip_tokenizer(cfg), store, args.embed_index))
 
 
 def _print_summary(results: dict, out: str) -> None:
@@ -257,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.run:
             raise UsageError("give at least one --run NAME=RUN_DIR")
-        _generate(args, parse_checkpoints(args.run, args.no_user, checkpoint=args.checkpoint))
+        _generate(args, parse_checkpoints(args.run, args.no_user, checkpoint=args.checkpoint,
+                                          caption_profile=args.caption_profile))
     if args.command in ("score", "run"):
         _score(args)
     if args.command == "sweep":
