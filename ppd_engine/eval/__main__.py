@@ -68,7 +68,7 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
                    help="scale s of the user cross-attention branch (default 1)")
 
 
-def _reward_args(p: argparse.ArgumentParser, single: bool = False) -> None:
+def add_reward_args(p: argparse.ArgumentParser, single: bool = False) -> None:
     g = p.add_argument_group("reward models")
     if single:
         g.add_argument("--reward", default="pickscore", choices=REWARD_NAMES,
@@ -125,23 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(gen)
     sc = sub.add_parser("score", formatter_class=DefaultsFormatter, help="score OUT's images: reward models, VLM judge, report")
     _common_args(sc)
-    _reward_args(sc)
+    add_reward_args(sc)
     _judge_args(sc, with_store=True)
     run = sub.add_parser("run", formatter_class=DefaultsFormatter, help="generate, then score")
     _common_args(run)
     _generation_args(run)
-    _reward_args(run)
+    add_reward_args(run)
     _judge_args(run, with_store=False)
     sw = sub.add_parser("sweep", formatter_class=DefaultsFormatter, help="pick the best-β run by its mean validation reward")
     _common_args(sw)
     sw.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                     help="run folders trained with different β (β read from each config.yaml)")
     _generation_args(sw, checkpoints=False)
-    _reward_args(sw, single=True)
+    add_reward_args(sw, single=True)
     return parser
 
 
-def _reward_names(args) -> list[str]:
+def reward_names(args) -> list[str]:
     if getattr(args, "reward", None):
         return [args.reward]
     if args.rewards.strip().lower() == "none":
@@ -153,17 +153,21 @@ def _reward_names(args) -> list[str]:
     return names
 
 
+def load_named_reward(args, name: str):
+    """One reward model from the reward-model flags of `add_reward_args`."""
+    return load_reward(name, pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor,
+                       clip_model=args.clip_model, aesthetic_clip=args.aesthetic_clip,
+                       aesthetic_weights=args.aesthetic_weights, hpsv2_checkpoint=args.hpsv2_checkpoint,
+                       hpsv2_arch=args.hpsv2_arch, batch_size=args.reward_batch_size,
+                       device=resolve_device(args.device), dtype=torch_dtype(args.dtype))
+
+
 def _score_all(args, out: str, manifest: dict) -> dict:
     from .evaluate import release_memory, score_images
 
     scores = {}
-    for name in _reward_names(args):
-        reward = load_reward(name, pickscore_model=args.pickscore_model,
-                             pickscore_processor=args.pickscore_processor, clip_model=args.clip_model,
-                             aesthetic_clip=args.aesthetic_clip, aesthetic_weights=args.aesthetic_weights,
-                             hpsv2_checkpoint=args.hpsv2_checkpoint, hpsv2_arch=args.hpsv2_arch,
-                             batch_size=args.reward_batch_size, device=resolve_device(args.device),
-                             dtype=torch_dtype(args.dtype))
+    for name in reward_names(args):
+        reward = load_named_reward(args, name)
         scores[name] = score_images(out, manifest, reward, progress=args.progress)
         del reward
         release_memory()
