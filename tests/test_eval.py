@@ -284,7 +284,7 @@ def test_cli_help_documents_every_option(capsys):
 
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subs) == {"generate", "score", "run", "sweep"}
+    assert set(subs) == {"generate", "score", "run", "sweep", "interpolate"}
     for name, sp in subs.items():
         for action in sp._actions:
             if action.dest != "help":

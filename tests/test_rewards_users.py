@@ -16,6 +16,8 @@ from ppd_engine.rewards_users import (SyntheticUsers, assign_user, own_reward_sc
 class _MeanColour:
     """A reward model: the mean of one colour channel (prompt-free); counts the images it scored."""
 
+    name = "mean_colour"
+
     def __init__(self, channel):
         self.channel, self.seen = channel, 0
 
@@ -137,3 +139,50 @@ def test_cli_score_then_relabel(tmp_path):
     n = len(load_pairs(str(tmp_path / "pap"), min_pairs_per_user=1, progress=False).records)
     assert meta["counts"]["kept"] + meta["counts"]["ties"] == n and set(meta["weights"]) == {"clip", "mix"}
     assert main(["relabel", *common, "--users", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_eval_interpolate_between_two_reward_users(tmp_path, monkeypatch, capsys):
+    """`eval interpolate`: e(λ) between two weight-vector users; a sampler whose red channel follows
+    the clipscore weight and green the aesthetic weight, rewards that read those channels: B's own
+    reward rises with λ and A's falls (ρ = ±1), drawn and tabulated."""
+    from types import SimpleNamespace
+
+    import ppd_engine.eval.__main__ as cli
+    import ppd_engine.sampling
+    import ppd_engine.training
+    from ppd_engine.adapters import add_user_adapters
+    from ppd_engine.files import write_json_atomic
+    from ppd_engine.testing.tiny_unets import tiny_unet
+
+    users = SyntheticUsers({"A": {"aesthetic": 1.0}, "B": {"clipscore": 1.0}},
+                           {"aesthetic": (0.5, 0.1), "clipscore": (0.5, 0.1)})
+    write_json_atomic(tmp_path / "synthetic_users.json", users.to_json())
+    store = write_weight_store(users, tmp_path / "w.safetensors")     # A = [1, 0], B = [0, 1]
+    unet = tiny_unet("sd15")
+    add_user_adapters(unet, user_dim=2, num_tokens=2)
+    monkeypatch.setattr(ppd_engine.training, "load_run", lambda *a, **k: (None, SimpleNamespace(unet=unet)))
+
+    def sampler(model, prompts, e, seeds, **kw):
+        g = torch.Generator().manual_seed(seeds[0])
+        img = torch.rand(len(prompts), 3, 8, 8, generator=g) * 0.05
+        img[:, 0] += e[:, 0, 1].view(-1, 1, 1) * 0.9     # red   <- clipscore weight
+        img[:, 1] += e[:, 0, 0].view(-1, 1, 1) * 0.9     # green <- aesthetic weight
+        return img.clamp(0, 1)
+
+    monkeypatch.setattr(ppd_engine.sampling, "generate", sampler)
+    channel = {"clipscore": 0, "aesthetic": 1}
+    monkeypatch.setattr(cli, "load_named_reward", lambda args, name: _MeanColour(channel[name]))
+    out = tmp_path / "interp"
+    rc = cli.main(["interpolate", "--out", str(out), "--run", "ppd=runs/ppd", "--store", store, "--between", "A", "B",
+                   "--lambdas", "0,0.5,1", "--synthetic-users", str(tmp_path / "synthetic_users.json"),
+                   "--rewards", "clipscore,aesthetic", "--prompts", "parti", "--limit", "2", "--device", "cpu",
+                   "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "interpolation.json").read_text())
+    assert s["spearman"]["B"] > 0.85 and s["spearman"]["A"] < -0.85
+    assert s["mean_own_reward"]["B"] == sorted(s["mean_own_reward"]["B"])
+    assert (out / "interpolation.png").stat().st_size > 1000 and "](interpolation.png)" in (out / "interpolation.md").read_text()
+    # The λ images are not synthetic users: scoring them by own reward is refused by name.
+    assert cli.main(["score", "--out", str(out), "--rewards", "clipscore,aesthetic", "--synthetic-users",
+                     str(tmp_path / "synthetic_users.json"), "--device", "cpu", "--no-progress"]) == 2
+    assert "are not synthetic users" in capsys.readouterr().err

@@ -98,6 +98,12 @@ def add_reward_args(p: argparse.ArgumentParser, single: bool = False) -> None:
     add_dtype(g, "fp32", "reward model dtype")
 
 
+def _synthetic_users_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--synthetic-users", required=required, default=None, metavar="synthetic_users.json",
+                   help="the users file `python -m ppd_engine.rewards_users relabel` wrote: adds each user's "
+                        "own reward ('own': its weighted standardised reward, from the --rewards it weighs)")
+
+
 def _judge_args(p: argparse.ArgumentParser, with_store: bool) -> None:
     g = add_judge(p, required=False)
     g.add_argument("--judge-data", default=None,
@@ -132,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     _generation_args(run)
     add_reward_args(run)
     _judge_args(run, with_store=False)
+    for sp in (sc, run):
+        _synthetic_users_arg(sp)
+    ip = sub.add_parser("interpolate", formatter_class=DefaultsFormatter,
+                        help="sample e = (1-λ) e_A + λ e_B over a λ grid; own rewards of A and B, Spearman ρ")
+    _common_args(ip)
+    ip.add_argument("--run", required=True, metavar="NAME=RUN_DIR", help="the personalized run to interpolate with")
+    add_checkpoint(ip)
+    ip.add_argument("--between", required=True, nargs=2, metavar=("USER_A", "USER_B"), help="the two users")
+    ip.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="comma-separated λ grid")
+    _generation_args(ip, checkpoints=False)
+    add_reward_args(ip)
+    _synthetic_users_arg(ip, required=True)
     sw = sub.add_parser("sweep", formatter_class=DefaultsFormatter, help="pick the best-β run by its mean validation reward")
     _common_args(sw)
     sw.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
@@ -237,7 +255,7 @@ def _score(args) -> dict:
     from .evaluate import read_manifest, write_results
 
     manifest = read_manifest(args.out)
-    scores = _score_all(args, args.out, manifest)
+    scores = _add_own_reward(args, _score_all(args, args.out, manifest), manifest["users"])
     judge = None
     if args.judge:
         judge = _run_judge(args, manifest)
@@ -246,6 +264,70 @@ def _score(args) -> dict:
     results = write_results(args.out, manifest, scores, judge)
     _print_summary(results, args.out)
     return results
+
+
+def _synthetic_users(args):
+    import json
+
+    from ppd_engine.rewards_users import SyntheticUsers
+
+    with open(args.synthetic_users, encoding="utf-8") as fh:
+        return SyntheticUsers.from_json(json.load(fh))
+
+
+def _add_own_reward(args, scores: dict, users) -> dict:
+    """scores + scores["own"] (each synthetic user's own reward of every image) with --synthetic-users."""
+    from ppd_engine.rewards_users import own_reward_scores
+
+    if not getattr(args, "synthetic_users", None):
+        return scores
+    su = _synthetic_users(args)
+    missing = [u for u in users if u not in su.weights]
+    if missing:
+        raise UsageError(f"--synthetic-users {args.synthetic_users}: evaluated user(s) {missing[:5]} are not "
+                         "synthetic users (evaluate only the users the file defines)")
+    need = [r for r in su.rewards if r not in scores]
+    if need:
+        raise UsageError(f"--synthetic-users: the users weigh {need}; add them to --rewards")
+    return {**scores, "own": own_reward_scores({r: scores[r] for r in su.rewards}, su)}
+
+
+def _interpolate(args) -> dict:
+    from ppd_engine.embed.store import EmbeddingStore
+
+    from .evaluate import read_manifest, run_generation
+    from .generate import parse_checkpoints
+    from .interpolate import InterpolatedStore, interpolation_summary, write_interpolation
+    from .prompts import load_prompts
+
+    (ck,) = parse_checkpoints([args.run], checkpoint=args.checkpoint)
+    if not ck.personalized:
+        raise UsageError(f"--run {args.run}: interpolating users needs a personalized run")
+    try:
+        lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lambdas {args.lambdas!r}: expected comma-separated numbers") from None
+    if len(lambdas) < 2:
+        raise UsageError("--lambdas: give at least two values")
+    su = _synthetic_users(args)
+    a, b = args.between
+    for u in (a, b):
+        if u not in su.weights:
+            raise UsageError(f"--between: {u!r} is not a user of {args.synthetic_users}")
+    store = InterpolatedStore(EmbeddingStore(args.store), a, b, lambdas, args.embed_index)
+    prompt_set = load_prompts(args.prompts, args.limit, args.pickapic_dir)
+    run_generation([ck], prompt_set, store.users(), store, args.out, seed=args.seed, batch_size=args.gen_batch_size,
+                   device=resolve_device(args.device), progress=args.progress, steps=args.steps,
+                   guidance=args.guidance, user_guidance=args.user_guidance, user_scale=args.user_scale)
+    manifest = read_manifest(args.out)
+    if any(r not in reward_names(args) for r in su.rewards):
+        raise UsageError(f"--rewards must include every reward the users weigh: {su.rewards}")
+    scores = _score_all(args, args.out, manifest)
+    summary = interpolation_summary({r: scores[r] for r in su.rewards}, ck.name, a, b, lambdas, su)
+    files = write_interpolation(args.out, summary)
+    rho = summary["spearman"]
+    print(f"Spearman ρ(λ, own reward): {a} {rho[a]:+.3f}, {b} {rho[b]:+.3f}; wrote {', '.join(files)} in {args.out}")
+    return summary
 
 
 def _sweep(args) -> dict:
@@ -284,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         _score(args)
     if args.command == "sweep":
         _sweep(args)
+    if args.command == "interpolate":
+        _interpolate(args)
     return 0
 
 
