@@ -175,7 +175,9 @@ def test_run_beta_reads_run_config(tmp_path):
     from ppd_engine.eval.sweep import run_beta
 
     save_config(load_config(None, ["loss.beta=2500"]), tmp_path / "run" / "config.yaml")
-    assert run_beta(str(tmp_path / "run")) == 2500.0
+    assert run_beta(str(tmp_path / "run")) == (2500.0, "official")
+    save_config(load_config(None, ["loss.beta=1.5", "loss.beta_units=paper"]), tmp_path / "p" / "config.yaml")
+    assert run_beta(str(tmp_path / "p")) == (1.5, "paper")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         run_beta(str(tmp_path))
 

@@ -65,3 +65,55 @@ def test_trainer_paper_units_equal_official_with_derived_beta(tmp_path):
     for key in ("loss", "reward_margin", "implicit_acc"):
         assert paper[key] == pytest.approx(official[key], rel=1e-6, abs=1e-9), key
     assert paper["reward_margin"] != pytest.approx(unconverted["reward_margin"], rel=1e-3)
+
+
+def test_sweep_launch_writes_one_command_per_beta(tmp_path):
+    import shlex
+
+    from ppd_engine.sweep import main
+
+    root = tmp_path / "sw"
+    assert main(["launch", "--root", str(root), "--betas", "0.5,2", "--config", "sd15_pickapic", "--nproc", "8",
+                 "data.folder=/d", "train.max_steps=10"]) == 0
+    lines = (root / "commands.sh").read_text().splitlines()[2:]
+    assert [shlex.split(x) for x in lines] == [
+        ["torchrun", "--nproc_per_node=8", "-m", "ppd_engine.train", "--config", "sd15_pickapic", "data.folder=/d",
+         "train.max_steps=10", f"loss.beta={b}", "loss.beta_units=paper", f"log.run_dir={root / ('beta-' + b)}"]
+        for b in ("0.5", "2")]
+    assert main(["launch", "--root", str(root), "--betas", "1,1"]) == 2
+    assert main(["launch", "--root", str(root), "--betas", "1", "loss.beta=3"]) == 2
+
+
+@pytest.mark.slow
+def test_sweep_launch_run_then_pick_best_beta(tmp_path):
+    """Two tiny pickapic runs (β_paper 0.5 and 4, trained here one after the other in subprocesses), then
+    `pick` evaluates both and names the one with the higher mean reward."""
+    from test_eval_experiments import _store_from_shots
+    from test_rewards import make_tiny_clip
+    from test_train import tiny_pipeline_dir
+
+    from ppd_engine.sweep import main
+    from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
+
+    data = tmp_path / "pap"
+    write_pickapic_fixture(str(data), extra_users=2)
+    store, _ = _store_from_shots(data, tmp_path / "users.safetensors")
+    root = tmp_path / "sw"
+    env_py = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1]), env_py])
+    try:
+        assert main(["launch", "--root", str(root), "--betas", "0.5,4", "--run", "world=pickapic",
+                     f"data.folder={data}", f"data.embeddings={store.path}", "model.family=sd15",
+                     f"model.pretrained={tiny_pipeline_dir('sd15')}", "model.resolution=32", f"cache.dir={tmp_path / 'c'}",
+                     *FAST, "train.max_steps=2", "optim.lr=3e-2", "train.device=cpu"]) == 0
+    finally:
+        os.environ["PYTHONPATH"] = env_py
+    clip = str(make_tiny_clip(tmp_path / "clip"))
+    out = tmp_path / "pick"
+    assert main(["pick", "--root", str(root), "--out", str(out), "--store", store.path, "--prompts", "parti",
+                 "--limit", "2", "--steps", "2", "--num-users", "2", "--device", "cpu", "--no-progress",
+                 "--pickscore-model", clip, "--reward", "pickscore"]) == 0
+    sw = json.loads((out / "sweep.json").read_text())
+    means = {r["name"]: r["mean_reward"] for r in sw["runs"]}
+    assert {r["beta"] for r in sw["runs"]} == {0.5, 4.0} and sw["beta_units"] == "paper"
+    assert sw["best"] == max(means, key=means.get)
