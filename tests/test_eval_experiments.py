@@ -121,3 +121,42 @@ def test_eval_base_ppd_dpo_prompted_over_seen_and_unseen_users(tmp_path):
             *common]
     argv[argv.index(store.path)] = bad.path
     assert main(argv) != 0
+
+
+def test_bootstrap_interval_matches_resampling_the_pairs():
+    """The multinomial shortcut gives the same interval as resampling same-index pairs (float64
+    numpy reference, many resamples), ties included; and it narrows as samples grow."""
+    import numpy as np
+
+    from ppd_engine.eval.report import bootstrap_ci, win_rate
+
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 3, 32).astype(float), rng.integers(0, 3, 32).astype(float)   # many ties
+    w = (x > y) + 0.5 * (x == y)
+    ref = np.quantile(w[rng.integers(0, 32, (100_000, 32))].mean(axis=1), [0.025, 0.975])
+    lo, hi = bootstrap_ci(list(x), list(y), n_boot=100_000)
+    assert (lo, hi) == pytest.approx(tuple(ref), abs=1 / 64 + 1e-9)
+    assert lo <= win_rate(list(x), list(y)) <= hi
+    big = rng.normal(size=(2, 3200))
+    blo, bhi = bootstrap_ci(list(big[0]), list(big[1]))
+    assert bhi - blo < (hi - lo) / 5
+    assert bootstrap_ci([1.0, 2.0], [0.0, 0.0]) == (1.0, 1.0)
+
+
+def test_run_kind_from_recorded_config_and_state(tmp_path):
+    from ppd_engine.config import load_config, save_config
+    from ppd_engine.eval.generate import parse_checkpoints
+
+    for name, loss, personalized in (("ppd", "dpo", True), ("dpo", "dpo", False), ("sft", "sft", False),
+                                     ("psft", "sft", True)):
+        save_config(load_config(None, [f"loss.name={loss}"]), tmp_path / name / "config.yaml")
+        step = tmp_path / name / "checkpoints" / "step-1"
+        step.mkdir(parents=True)
+        (step / "state.json").write_text(json.dumps({"step": 1, "personalized": personalized}))
+    specs = parse_checkpoints([f"{n}={tmp_path / n}" for n in ("ppd", "dpo", "sft", "psft")] + ["base=base"],
+                              caption_profile=["base"])
+    assert [(c.kind, c.personalized, c.caption_profile) for c in specs] == [
+        ("ppd", True, False), ("dpo", False, False), ("sft", False, False), ("sft-personalized", True, False),
+        ("base", False, True)]
+    with pytest.raises(ValueError, match="--caption-profile names unknown"):
+        parse_checkpoints(["base=base"], caption_profile=["nope"])

@@ -31,7 +31,12 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
 def bootstrap_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of win_rate(a, b), resampling the same-index pairs with
-    replacement (`n_boot` resamples, fixed `seed` so a report is reproducible)."""
+    replacement (`n_boot` resamples, fixed `seed` so a report is reproducible).
+
+    A resample's win rate depends only on how many wins, ties and losses it drew, and those
+    counts of n draws with replacement are Multinomial(n; p_win, p_tie, p_loss): drawing them
+    directly is the same bootstrap in O(n_boot) instead of O(n_boot * n) time and memory (an
+    overall rate over 50 users x 1632 prompts would otherwise index 160M entries)."""
     import numpy as np
 
     if len(a) != len(b):
@@ -39,9 +44,10 @@ def bootstrap_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, see
     if not a:
         return math.nan, math.nan
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    w = (x > y) + 0.5 * (x == y)
-    idx = np.random.default_rng(seed).integers(0, len(w), size=(n_boot, len(w)))
-    rates = w[idx].mean(axis=1)
+    n = len(x)
+    p = np.array([(x > y).sum(), (x == y).sum(), (x < y).sum()], dtype=np.float64) / n
+    counts = np.random.default_rng(seed).multinomial(n, p / p.sum(), size=n_boot)
+    rates = (counts[:, 0] + 0.5 * counts[:, 1]) / n
     lo, hi = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
