@@ -303,7 +303,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from ppd_engine.cli.common import DefaultsFormatter, add_device, add_progress
-    from ppd_engine.eval.__main__ import add_reward_args
+    from ppd_engine.eval.reward_args import add_reward_args
 
     p = argparse.ArgumentParser(prog="python -m ppd_engine.rewards_users", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _score_cmd(args) -> int:
     from ppd_engine.data.pickapic import load_pairs
-    from ppd_engine.eval.__main__ import load_named_reward, reward_names
+    from ppd_engine.eval.reward_args import load_named_reward, reward_names
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and args.device in ("auto", "cuda"):
