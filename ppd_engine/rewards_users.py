@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -59,12 +59,32 @@ def read_scores(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def record_images(records: Sequence) -> Iterator[tuple[object, bytes, bytes]]:
+    """(record, winner JPEG, loser JPEG) from records that carry their bytes (decode_images=False)."""
+    for r in records:
+        yield r, r.image_w, r.image_l
+
+
+def _chunks(it: Iterator, size: int) -> Iterator[list]:
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
 def score_pairs(records: Sequence, rewards: Mapping[str, object], out_dir: str | os.PathLike, *,
-                chunk: int = 256, rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
-    """Score this rank's share of `records` (PairRecords with JPEG bytes) with every reward in
-    `rewards` ({name: RewardModel}); pairs whose scores for all of them are already on disk are
-    skipped. Returns {"scored", "skipped", "bad_images"}."""
+                images: Callable[[list], Iterator] = record_images, chunk: int = 256, rank: int = 0,
+                world_size: int = 1, progress: bool = True) -> dict:
+    """Score this rank's share of `records` with every reward in `rewards` ({name: RewardModel});
+    pairs whose scores for all of them are already on disk are skipped. `images(records)` yields
+    (record, winner JPEG, loser JPEG) in any order (a reader that streams row groups keeps memory
+    bounded); default: the bytes the records carry. Returns {"scored", "skipped", "bad_images"}."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     from ppd_engine.embed.prompt import as_pil
@@ -74,36 +94,33 @@ def score_pairs(records: Sequence, rewards: Mapping[str, object], out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     done = read_scores(out)
     names = sorted(rewards)
-    mine = [(i, r) for i, r in enumerate(records) if i % world_size == rank]
-    todo = [(i, r) for i, r in mine if not all(n in done.get(r.pair_id, {}) for n in names)]
+    index = {r.pair_id: i for i, r in enumerate(records)}
+    mine = [r for i, r in enumerate(records) if i % world_size == rank]
+    todo = [r for r in mine if not all(n in done.get(r.pair_id, {}) for n in names)]
     stats = {"scored": 0, "skipped": len(mine) - len(todo), "bad_images": 0}
     bar = tqdm(total=len(todo), desc=f"score pairs (rank {rank})", unit="pair", disable=not progress)
-    for s in range(0, len(todo), chunk):
-        part = todo[s:s + chunk]
+    for part in _chunks(images(todo), chunk):
         imgs, ok = [], []
-        for i, r in part:
-            try:
-                imgs.append((as_pil(r.image_w, f"{r.uid_w}"), as_pil(r.image_l, f"{r.uid_l}")))
-                ok.append((i, r))
+        for r, jw, jl in part:
+            try:  # both decode, or neither is added
+                imgs += [as_pil(jw, r.uid_w), as_pil(jl, r.uid_l)]
+                ok.append(r)
             except ValueError as e:
                 stats["bad_images"] += 1
                 log.warning("skipping pair %s: %s", r.pair_id, e)
+        bar.update(len(part))
         if not ok:
-            bar.update(len(part))
             continue
-        cols = {k: [getattr(r, k) for _, r in ok] for k in SCORE_KEYS}
-        captions = [r.caption for _, r in ok]
+        cols = {k: [getattr(r, k) for r in ok] for k in SCORE_KEYS}
+        captions = [r.caption for r in ok for _ in (0, 1)]
         for n in names:
-            flat = [im for pair in imgs for im in pair]
-            vals = rewards[n].score(flat, [c for c in captions for _ in (0, 1)], progress=False).double().numpy()
+            vals = rewards[n].score(imgs, captions, progress=False).double().numpy()
             cols[f"{n}_w"], cols[f"{n}_l"] = vals[0::2].tolist(), vals[1::2].tolist()
-        # The first record index makes part names unique per rank and stable across reruns.
-        with atomic_path(out / f"part-{rank:03d}-{ok[0][0]:09d}.parquet") as tmp:
-            import pyarrow.parquet as pq
-
+        # The smallest record index of the part makes its name unique and stable across reruns.
+        first = min(index[r.pair_id] for r in ok)
+        with atomic_path(out / f"part-{rank:03d}-{first:09d}.parquet") as tmp:
             pq.write_table(pa.table(cols), tmp)
         stats["scored"] += len(ok)
-        bar.update(len(part))
     bar.close()
     return stats
 
@@ -212,9 +229,10 @@ def relabel(records: Sequence, scores: Mapping[str, Mapping[str, np.ndarray]], u
 
 
 def write_relabelled(labelled: Sequence[tuple[object, str, bool]], out_dir: str | os.PathLike,
-                     rows_per_file: int = 4096) -> list[str]:
+                     images: Callable[[list], Iterator] = record_images, rows_per_file: int = 4096) -> list[str]:
     """A Pick-a-Pic-schema parquet folder: jpg_0 = the original winner, jpg_1 = the original loser,
-    labels by the synthetic user (user_id = the user's name)."""
+    labels by the synthetic user (user_id = the user's name). `images` as in `score_pairs`; files
+    are written as they fill, so at most `rows_per_file` pairs' bytes are held."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -222,25 +240,24 @@ def write_relabelled(labelled: Sequence[tuple[object, str, bool]], out_dir: str 
 
     data = Path(out_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
-    files = []
+    label = {r.pair_id: (u, fl) for r, u, fl in labelled}
     n_files = max(1, -(-len(labelled) // rows_per_file))
-    for f in range(n_files):
-        rows = labelled[f * rows_per_file:(f + 1) * rows_per_file]
-        if not rows:
-            break
+    files = []
+    for f, rows in enumerate(_chunks(images([r for r, _, _ in labelled]), rows_per_file)):
+        users = [label[r.pair_id] for r, _, _ in rows]
         cols = {
             "caption": [r.caption for r, _, _ in rows],
-            "label_0": [0.0 if fl else 1.0 for _, _, fl in rows],
-            "label_1": [1.0 if fl else 0.0 for _, _, fl in rows],
-            "user_id": [u for _, u, _ in rows],
+            "label_0": [0.0 if fl else 1.0 for _, fl in users],
+            "label_1": [1.0 if fl else 0.0 for _, fl in users],
+            "user_id": [u for u, _ in users],
             "are_different": [True] * len(rows),
             "has_label": [True] * len(rows),
             "image_0_uid": [r.uid_w for r, _, _ in rows],
             "image_1_uid": [r.uid_l for r, _, _ in rows],
             "ranking_id": [str(r.ranking_id) for r, _, _ in rows],
-            "best_image_uid": [r.uid_l if fl else r.uid_w for r, _, fl in rows],
-            "jpg_0": [bytes(r.image_w) for r, _, _ in rows],
-            "jpg_1": [bytes(r.image_l) for r, _, _ in rows],
+            "best_image_uid": [r.uid_l if fl else r.uid_w for (r, _, _), (_, fl) in zip(rows, users)],
+            "jpg_0": [bytes(jw) for _, jw, _ in rows],
+            "jpg_1": [bytes(jl) for _, _, jl in rows],
         }
         path = data / f"train-{f:05d}-of-{n_files:05d}.parquet"
         with atomic_path(path) as tmp:
