@@ -160,3 +160,15 @@ def test_run_kind_from_recorded_config_and_state(tmp_path):
         ("base", False, True)]
     with pytest.raises(ValueError, match="--caption-profile names unknown"):
         parse_checkpoints(["base=base"], caption_profile=["nope"])
+
+
+def test_every_comparison_is_against_the_plain_base():
+    from ppd_engine.eval.evaluate import plain_bases
+    from ppd_engine.eval.report import compared_pairs
+
+    manifest = {"checkpoints": {"base": {"kind": "base"}, "ppd": {"kind": "ppd"},
+                                "prompted": {"kind": "base", "caption_profile": True}, "dpo": {"kind": "dpo"}}}
+    assert plain_bases(manifest) == ["base"]
+    assert compared_pairs(list(manifest["checkpoints"]), ["base"]) == [
+        ("ppd", "base"), ("prompted", "base"), ("dpo", "base"), ("ppd", "prompted"), ("ppd", "dpo"),
+        ("prompted", "dpo")]

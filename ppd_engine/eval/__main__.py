@@ -168,7 +168,8 @@ def _print_summary(results: dict, out: str) -> None:
     ckpts = list(results["checkpoints"])
     for reward, r in results["rewards"].items():
         means = ", ".join(f"{c} {r['mean'][c]:.4f}" for c in ckpts)
-        wins = ", ".join(f"{k.replace('_vs_', ' vs ')} {v['overall']:.3f}" for k, v in r["win_rates"].items())
+        wins = ", ".join(f"{k.replace('_vs_', ' vs ')} {v['overall']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+                         for k, v in r["win_rates"].items())
         print(f"{reward}: mean {means}" + (f"; win rate {wins}" if wins else ""))
     for pair, j in (results.get("judge") or {}).items():
         print(f"judge {pair.replace('_vs_', ' vs ')}: win rate {j['win_rate']:.3f} "

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .generate import CheckpointSpec, adapter_input_shape, generate_images, load_images, user_dir
 from .prompts import PromptSet
-from .report import markdown_report, pair_key, summarize, write_json, write_text
+from .report import compared_pairs, markdown_report, pair_key, summarize, write_json, write_text
 from .rewards import RewardModel
 from .users import select_users  # noqa: F401  (re-exported: the generate step's user selection)
 
@@ -212,13 +212,11 @@ def judge_images(out_dir: str, manifest: dict, judge_fn: Callable, progress: boo
     (inconsistent or malformed) ones; None = user not judged (no few-shot pairs).
     Win rate = wins_a / (wins_a + wins_b).
     """
-    from itertools import combinations
-
     prompts = manifest["prompts"]["texts"]
     users, ckpts = manifest["users"], list(manifest["checkpoints"])
     n = len(prompts)
     res = {}
-    pairs = list(combinations(ckpts, 2))
+    pairs = compared_pairs(ckpts, plain_bases(manifest))
     bar = tqdm(total=len(pairs) * len(users), desc="judge", unit="user", disable=not progress)
     for a, b in pairs:
         per_user, wa_tot, wb_tot, drop_tot, not_judged = {}, 0, 0, 0, []
@@ -239,6 +237,12 @@ def judge_images(out_dir: str, manifest: dict, judge_fn: Callable, progress: boo
     return res
 
 
+def plain_bases(manifest: dict) -> list[str]:
+    """The base checkpoints without a caption change: every comparison's second (the prompted base
+    is a baseline compared against them)."""
+    return [c for c, m in manifest["checkpoints"].items() if m.get("kind") == "base" and not m.get("caption_profile")]
+
+
 def write_results(out_dir: str, manifest: dict, scores: dict, judge: dict | None = None,
                   title: str | None = None) -> dict:
     """Summaries + per-image scores -> `OUT/results.json` and `OUT/report.md` (both atomic)."""
@@ -246,8 +250,7 @@ def write_results(out_dir: str, manifest: dict, scores: dict, judge: dict | None
 
     users, ckpts = manifest["users"], list(manifest["checkpoints"])
     cats = manifest["prompts"].get("categories")
-    # The plain base is every comparison's second; the prompted base is a baseline compared against it.
-    bases = [c for c, m in manifest["checkpoints"].items() if m.get("kind") == "base" and not m.get("caption_profile")]
+    bases = plain_bases(manifest)
     roles = manifest.get("roles") or {}
     summary = summarize(scores, users, ckpts, cats, bases=bases, roles=roles)
     figures = evaluation_figures(out_dir, summary, scores, manifest) if scores else []

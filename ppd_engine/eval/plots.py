@@ -175,7 +175,9 @@ def evaluation_figures(out_dir: str | os.PathLike, summary: Mapping, scores: Map
     out = Path(out_dir)
     roles = manifest.get("roles") or {}
     ckpts = list(manifest["checkpoints"])
-    bases = [c for c, m in manifest["checkpoints"].items() if m.get("kind") == "base" and not m.get("caption_profile")]
+    from .evaluate import plain_bases
+
+    bases = plain_bases(manifest)
     made = []
     for reward, r in summary.items():
         pairs = [p for p in r["win_rates"] if p.split("_vs_")[-1] in bases] or list(r["win_rates"])
