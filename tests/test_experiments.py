@@ -117,3 +117,54 @@ def test_sweep_launch_run_then_pick_best_beta(tmp_path):
     means = {r["name"]: r["mean_reward"] for r in sw["runs"]}
     assert {r["beta"] for r in sw["runs"]} == {0.5, 4.0} and sw["beta_units"] == "paper"
     assert sw["best"] == max(means, key=means.get)
+
+
+def _readme_commands():
+    """(module, argv) of every command in README's "Reproducing the paper" block, continuation lines
+    joined, the shell loop's $users bound, heredocs and plain shell lines skipped."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    block = re.sub(r"<<'YAML'.*?\nYAML\n", "\n", block, flags=re.S).replace("\\\n", " ")
+    out = []
+    for line in block.splitlines():
+        line = line.split("  #")[0].split(" # ")[0].strip().replace("$users", "seen")
+        words = shlex.split(line) if line and not line.startswith("#") else []
+        if "-m" in words and words[0] in ("python", "torchrun"):
+            i = words.index("-m")
+            out.append((words[i + 1], words[i + 2:]))
+    return out
+
+
+def test_readme_reproduction_commands_parse(capsys):
+    """Every command the README gives for reproducing the paper is accepted by its real parser (train:
+    every override is a config key with a valid value), so the doc cannot drift from the flags."""
+    import importlib
+
+    cmds = _readme_commands()
+    modules = {m for m, _ in cmds}
+    assert {"ppd_engine.embed", "ppd_engine.train", "ppd_engine.sweep", "ppd_engine.eval",
+            "ppd_engine.rewards_users"} <= modules
+    for module, argv in cmds:
+        if module == "ppd_engine.train":
+            from ppd_engine.train import main
+
+            assert main([*argv, "--print-config"]) == 0, argv
+            assert "not a key" not in capsys.readouterr().err
+            continue
+        mod = importlib.import_module(module + (".__main__" if module in ("ppd_engine.eval", "ppd_engine.embed") else ""))
+        parser = mod.build_parser()
+        if module == "ppd_engine.sweep":
+            args, rest = parser.parse_known_args(argv)
+            if args.command == "pick":
+                from ppd_engine.eval.__main__ import build_parser as eval_parser
+
+                eval_parser().parse_args(["sweep", "--runs", "r", *rest])
+            else:
+                assert not rest, rest
+        else:
+            parser.parse_args(argv)
