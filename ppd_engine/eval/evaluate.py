@@ -126,7 +126,7 @@ def clip_tokenizer(config_path: str):
     from ppd_engine.config import load_config
 
     cfg = load_config(config_path)
-    if cfg.model.family not in ("sd15", "sdxl"):
+    if cfg.model.family not in ("sd15", "sdxl", "cascade"):
         raise ValueError(f"--caption-profile: model.family {cfg.model.family!r} has no CLIP tokenizer to count against")
     return CLIPTokenizer.from_pretrained(cfg.model.pretrained, subfolder="tokenizer")
 
