@@ -345,6 +345,31 @@ def _own(spec: LossSpec, kw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if k in spec.options or k in spec.inputs}
 
 
+def official_beta(beta: float, units: str, num_train_timesteps: int) -> float:
+    """beta in the official code's units (what `preference_loss` takes) from beta in `units`.
+
+    The PPD paper (after Diffusion-DPO eq. 14) writes the per-pair loss as
+
+        -log σ(-β_paper · T · ω(λ_t) · Δ),   Δ = (e_θ,w - e_ref,w) - (e_θ,l - e_ref,l)
+
+    with T the scheduler's training timesteps, and the official code as -log σ(-½ · β_official ·
+    ω · Δ) on the same per-sample mean ε-MSEs e (the module docstring's `inside`). Equal logits for
+    every Δ and ω need ½ · β_official = β_paper · T, so
+
+        β_official = 2 · T · β_paper          (T = 1000: β_paper 2.5 is SD1.5's β_official 5000;
+                                               the paper's grid [0.1, 2] is β_official 200 … 4000)
+
+    ω(λ_t) (loss.weighting) multiplies both forms alike, so the conversion holds for min_snr too.
+    """
+    if units == "official":
+        return float(beta)
+    if units == "paper":
+        if num_train_timesteps <= 0:
+            raise ValueError(f"loss.beta_units=paper needs the scheduler's training timesteps, got {num_train_timesteps}")
+        return 2.0 * num_train_timesteps * float(beta)
+    raise ValueError(f"loss.beta_units: {units!r} is not one of official, paper")
+
+
 def preference_loss(name: str | Sequence[str], model_pred: Tensor, ref_pred: Tensor | None, target: Tensor,
                     beta: float = 5000.0, weight: Tensor | None = None,
                     loss_weights: Sequence[float] | None = None, **options) -> PreferenceOutput:

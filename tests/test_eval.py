@@ -137,7 +137,7 @@ def test_markdown_report_and_json(tmp_path):
     judge = {"a_vs_b": {"win_rate": 0.75, "kept": 4, "dropped": 1}}
     md = markdown_report(s, ckpts, judge, "T")
     assert "| pickscore | 2.0000 | 2.0000 |" in md
-    assert "| pickscore | 0.500 |" in md              # (1 + 0.5 + 0) / 3
+    assert "| pickscore | all | 0.500 [" in md        # (1 + 0.5 + 0) / 3, then its interval
     assert "| a vs b | 0.750 | 4 | 1 |" in md
     assert "| X | 2.5000 | 2.5000 |" in md and "| Y | 1.0000 | 1.0000 |" in md
     write_json(tmp_path / "r.json", {"x": float("nan"), "y": [1.5]})
@@ -175,7 +175,9 @@ def test_run_beta_reads_run_config(tmp_path):
     from ppd_engine.eval.sweep import run_beta
 
     save_config(load_config(None, ["loss.beta=2500"]), tmp_path / "run" / "config.yaml")
-    assert run_beta(str(tmp_path / "run")) == 2500.0
+    assert run_beta(str(tmp_path / "run")) == (2500.0, "official")
+    save_config(load_config(None, ["loss.beta=1.5", "loss.beta_units=paper"]), tmp_path / "p" / "config.yaml")
+    assert run_beta(str(tmp_path / "p")) == (1.5, "paper")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         run_beta(str(tmp_path))
 
@@ -284,7 +286,7 @@ def test_cli_help_documents_every_option(capsys):
 
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subs) == {"generate", "score", "run", "sweep"}
+    assert set(subs) == {"generate", "score", "run", "sweep", "interpolate"}
     for name, sp in subs.items():
         for action in sp._actions:
             if action.dest != "help":

@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "ppd_engine"
 
 # Command-line programs: they may import worlds (a run of any world can be trained or sampled).
 # ppd_engine.pipelines (from_run) is the library's entry point for a run of any world.
-ENTRY_POINTS = {"ppd_engine.__main__", "ppd_engine.cli", "ppd_engine.train", "ppd_engine.sample",
+ENTRY_POINTS = {"ppd_engine.__main__", "ppd_engine.cli", "ppd_engine.train", "ppd_engine.sample", "ppd_engine.sweep",
                 "ppd_engine.export", "ppd_engine.eval.__main__", "ppd_engine.pipelines"}
 FORBIDDEN = ("ppd_engine.worlds", "ppd_engine.testing", "bench")
 

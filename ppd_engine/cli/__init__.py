@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("ppd_engine.embed.__main__", "user embeddings from few-shot pairs with a VLM (LLaVA-OneVision)"),
     "judge": ("ppd_engine.judge.__main__", "VLM judge: agreement with held-out choices, or win rates"),
     "eval": ("ppd_engine.eval.__main__", "sample checkpoints, score with rewards and the judge, report"),
+    "sweep": ("ppd_engine.sweep", "a beta sweep: one training run per beta, then the best by a reward"),
+    "rewards-users": ("ppd_engine.rewards_users", "multi-reward synthetic users: score pairs, relabel by weights"),
     "probe-users": ("ppd_engine.probe_users", "how well embeddings identify their users (MLP probe)"),
     "cache-build": ("ppd_engine.cache.build", "encode Pick-a-Pic pairs into the latent/text cache once"),
     "export": ("ppd_engine.export", "export a run's adapters as diffusers IP-Adapter weights"),

@@ -106,7 +106,12 @@ class LossConfig:
                "of names for a weighted mixture (with loss.weights); a user's own loss is registered with "
                "@register_loss in a module named by --import / imports")
     weights: list[float] = _f([], "weights of a mixture's terms (one per loss.name entry); empty = all 1")
-    beta: float = _f(5000.0, "beta in the official Diffusion-DPO code's units (beta_dpo; 5000 for SD1.5)")
+    beta: float = _f(5000.0, "beta in the units of loss.beta_units (official: the Diffusion-DPO code's beta_dpo, "
+                             "5000 for SD1.5)")
+    beta_units: Literal["official", "paper"] = _f(
+        "official", "units of loss.beta: official (logit -0.5*beta*delta on per-sample mean MSEs, the Diffusion-DPO "
+        "code) | paper (logit -beta*T*w(lambda_t)*delta, T = the scheduler's training timesteps; the PPD paper "
+        "tunes it in [0.1, 2]); beta_official = 2*T*beta_paper (ppd_engine.losses.official_beta)")
     weighting: Literal["uniform", "min_snr"] = _f(
         "uniform", "per-pair weight w(lambda_t) of the loss: uniform (w = 1, as Diffusion-DPO trains) | "
         "min_snr (w = min(SNR(t), snr_gamma) / SNR(t), Min-SNR weighting for eps-prediction)")
@@ -125,6 +130,8 @@ class TrainConfig:
     pairs_per_step: int = _f(768, "effective batch in preference pairs over all ranks (paper: 768)")
     micro_batch: int = _f(8, "pairs per forward/backward on one rank (gradient accumulation fills the rest)")
     empty_caption_prob: float = _f(0.2, "probability a pair's caption is replaced by the empty caption")
+    personalized: bool = _f(True, "false = the non-personalized Diffusion-DPO baseline: the same adapters fed the "
+                                  "zero user embedding (recorded in each checkpoint's state.json; eval reads it)")
     user_dropout: float = _f(0.1, "probability a pair's user embedding is zeroed (trains the user-agnostic branch)")
     grad_clip: float = _f(1.0, "max global gradient L2 norm; 0 = no clipping")
     mixed_precision: Literal["bf16", "fp32"] = _f(

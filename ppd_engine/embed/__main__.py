@@ -105,6 +105,9 @@ def summary(stats: dict, store, args) -> str:
                      f"{stats['wall_seconds']:.1f} s; {stats['tokens_generated']} tokens generated, "
                      f"{stats['tokens_per_s']:.1f} tokens/s, {stats['chunks_per_s']:.3f} chunks/s "
                      f"({'compiled' if args.compile else 'eager'}, batch {args.batch_users})")
+        if stats["without_profile"]:
+            lines.append(f"{stats['without_profile']} generation(s) have no 'User Profile' section "
+                         "(the prompted baseline gets the bare caption for them)")
         if stats["chunks_bad_images"]:
             lines.append(f"skipped {stats['chunks_bad_images']} chunk(s) with undecodable images")
     lines.append("data: " + json.dumps({k: v for k, v in stats["data"].items() if v}, sort_keys=True))

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ppd_engine.profile import parse_profile
+
 from .generate import VLMGenerator
 from .prompt import ProfileTemplate
 from .store import EmbeddingStore
@@ -70,7 +72,8 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
     from tqdm.auto import tqdm
 
     settings = generator.settings
-    stats = {"chunks_embedded": 0, "chunks_bad_images": 0, "tokens_generated": 0, "generate_seconds": 0.0}
+    stats = {"chunks_embedded": 0, "chunks_bad_images": 0, "without_profile": 0, "tokens_generated": 0,
+             "generate_seconds": 0.0}
     users_seen: set[str] = set()
     pad_to = batch_users if settings.compile else None
     pending: list = []
@@ -98,9 +101,14 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
         for row, it in enumerate(ok):
             per_user.setdefault(it.user_id, []).append(row)
         for user, rows in per_user.items():
+            sections = {r: parse_profile(out.texts[r], len(out.tokens[r]) >= settings.max_new_tokens) for r in rows}
+            stats["without_profile"] += sum(sec.text is None for sec in sections.values())
             chunks = [{
                 "chunk": ok[r].chunk,
                 "profile": out.texts[r],
+                # The condensed "User Profile" section alone (the prompted-base baseline's caption suffix).
+                "user_profile": sections[r].text,
+                "user_profile_truncated": sections[r].truncated,
                 "generated_tokens": len(out.tokens[r]),
                 "prompt_tokens": out.prompt_lengths[r],
                 "sample_seed": None if settings.greedy else sample_seed,

@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from ppd_engine.files import save_image_atomic
 
 
+BASE = "base"   # `--run NAME=base`: the frozen base model without adapters
+
+
 @dataclass
 class CheckpointSpec:
     name: str
@@ -29,12 +32,21 @@ class CheckpointSpec:
     personalized: bool = True
     # which checkpoint of the run: latest | step-N | a step-N folder (ppd_engine.training.checkpoint)
     checkpoint: str = "latest"
+    # base (no adapters) | ppd | dpo (non-personalized) | sft | sft-personalized, from the run's record
+    kind: str = "ppd"
+    # the user's parsed profile is appended to every caption (the prompted-base baseline)
+    caption_profile: bool = False
+
+    @property
+    def is_base(self) -> bool:
+        return self.kind == BASE
 
 
-def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = (), checkpoint: str = "latest"
-                      ) -> list[CheckpointSpec]:
-    """`NAME=RUN_DIR` or `RUN_DIR` (name = folder name) -> specs; names must be unique and safe.
-    `checkpoint` (latest | step-N | folder) is the checkpoint of each run to evaluate."""
+def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = (), checkpoint: str = "latest",
+                      caption_profile: Sequence[str] = ()) -> list[CheckpointSpec]:
+    """`NAME=RUN_DIR`, `NAME=base` or `RUN_DIR` (name = folder name) -> specs; names must be unique
+    and safe. `checkpoint` (latest | step-N | folder) is the checkpoint of each run to evaluate;
+    `caption_profile` names the checkpoints sampled with the user's profile appended to the caption."""
     out, seen = [], set()
     for spec in specs:
         name, sep, run_dir = spec.partition("=")
@@ -46,11 +58,17 @@ def parse_checkpoints(specs: Sequence[str], no_user: Sequence[str] = (), checkpo
             raise ValueError(f"checkpoint name {name!r} given twice; use NAME=RUN_DIR to rename")
         seen.add(name)
         out.append(CheckpointSpec(name, run_dir, checkpoint=checkpoint))
-    unknown = set(no_user) - seen
-    if unknown:
-        raise ValueError(f"--no-user names unknown checkpoint(s) {sorted(unknown)}; known: {sorted(seen)}")
+    for flag, names in (("--no-user", no_user), ("--caption-profile", caption_profile)):
+        unknown = set(names) - seen
+        if unknown:
+            raise ValueError(f"{flag} names unknown checkpoint(s) {sorted(unknown)}; known: {sorted(seen)}")
     for c in out:
+        c.caption_profile = c.name in set(caption_profile)
+        if c.run_dir == BASE:
+            c.kind, c.personalized = BASE, False
+            continue
         c.personalized = c.name not in set(no_user) and run_is_personalized(c.run_dir)
+        c.kind = run_kind(c.run_dir, c.personalized)
     return out
 
 
@@ -63,6 +81,17 @@ def run_is_personalized(run_dir: str) -> bool:
     if ckpt is None or not (ckpt / "state.json").is_file():
         return True
     return bool(read_json(ckpt / "state.json").get("personalized", True))
+
+
+def run_kind(run_dir: str, personalized: bool) -> str:
+    """ppd | dpo (non-personalized) | sft | sft-personalized, from the run's recorded config and state."""
+    import yaml
+
+    p = Path(run_dir) / "config.yaml"
+    loss = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("loss", {}).get("name") if p.is_file() else None
+    if loss == "sft":
+        return "sft-personalized" if personalized else "sft"
+    return "ppd" if personalized else "dpo"
 
 
 def user_dir(user_id: str) -> str:
@@ -116,15 +145,17 @@ def generate_images(model, generate_fn: GenerateFn, checkpoint: CheckpointSpec, 
                     users: Sequence[str], embeddings: Callable[[str], torch.Tensor], out_dir: str,
                     seed: int = 0, batch_size: int = 4, embed_index: int = 0,
                     zero_shape: tuple[int, int] | None = None, progress: bool = True,
-                    **sample_kw) -> dict[str, int]:
+                    captions: Callable[[str], Sequence[str]] | None = None, **sample_kw) -> dict[str, int]:
     """Generate the missing PNGs of one checkpoint for every user and prompt.
 
-    `generate_fn(model, prompts, user_embeds (B, T_in, Du), seeds, **sample_kw) -> (B, 3, H, W)`
+    `generate_fn(model, prompts, user_embeds (B, T_in, Du) | None, seeds, **sample_kw) -> (B, 3, H, W)`
     is `ppd_engine.sampling.generate`; `embeddings(user) -> (K, T_in, Du)`. A non-personalized
     checkpoint gets zeros of `zero_shape` (T_in, Du) — the input it was trained with — instead of
-    the user's embedding. Returns counts {"generated", "kept"} (kept = already on disk).
+    the user's embedding; the base checkpoint gets None (no adapters). `captions(user)` gives that
+    user's caption for every prompt (the prompted baseline); None = the prompts themselves.
+    Returns counts {"generated", "kept"} (kept = already on disk).
     """
-    if not checkpoint.personalized and zero_shape is None:
+    if not checkpoint.personalized and not checkpoint.is_base and zero_shape is None:
         raise ValueError(f"{checkpoint.name}: a non-personalized checkpoint needs zero_shape (T_in, Du)")
     todo = [(u, i) for u in users for i in range(len(prompts))
             if not image_path(out_dir, checkpoint.name, u, i).is_file()]
@@ -135,13 +166,16 @@ def generate_images(model, generate_fn: GenerateFn, checkpoint: CheckpointSpec, 
         if not idx:
             continue
         embeds = embeddings(u) if checkpoint.personalized else None
+        texts = prompts if captions is None else captions(u)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            if embeds is None:
+            if checkpoint.is_base:
+                cond = None
+            elif embeds is None:
                 cond = torch.zeros(len(chunk), *zero_shape)
             else:
                 cond = user_condition(embeds, embed_index, len(chunk))
-            imgs = generate_fn(model, [prompts[i] for i in chunk], cond, [seed + i for i in chunk],
+            imgs = generate_fn(model, [texts[i] for i in chunk], cond, [seed + i for i in chunk],
                                **sample_kw)
             if imgs.shape[0] != len(chunk):
                 raise RuntimeError(f"sampler returned {imgs.shape[0]} images for {len(chunk)} prompts")

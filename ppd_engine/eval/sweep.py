@@ -1,7 +1,8 @@
 """β sweep: among runs trained with different β, pick the one with the best mean validation reward.
 
 The paper picks β by the mean PickScore on Pick-a-Pic validation captions; here any reward and
-prompt set work. β is read from each run's resolved config (`loss.beta`).
+prompt set work. β is read from each run's resolved config (`loss.beta`, in its `loss.beta_units`);
+`python -m ppd_engine.sweep` launches the runs.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ class SweepEntry:
     beta: float
     mean_reward: float
     per_user: dict[str, float]
+    beta_units: str = "official"
 
 
-def run_beta(run_dir: str) -> float:
-    """β of a run folder, from RUN/config.yaml (`loss.beta`)."""
+def run_beta(run_dir: str) -> tuple[float, str]:
+    """(β, its units) of a run folder, from RUN/config.yaml (`loss.beta`, `loss.beta_units`)."""
     from ppd_engine.config import load_config
 
     p = Path(run_dir) / "config.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    beta = getattr(getattr(load_config(p), "loss", None), "beta", None)
-    if beta is None:
+    loss = getattr(load_config(p), "loss", None)
+    if getattr(loss, "beta", None) is None:
         raise KeyError(f"{p}: no loss.beta")
-    return float(beta)
+    return float(loss.beta), str(getattr(loss, "beta_units", "official"))
 
 
 def pick_best(entries: Sequence[SweepEntry]) -> SweepEntry:
@@ -43,14 +45,18 @@ def pick_best(entries: Sequence[SweepEntry]) -> SweepEntry:
 
 
 def build_entries(summary: Mapping, reward: str, runs: Mapping[str, str],
-                  betas: Mapping[str, float]) -> list[SweepEntry]:
-    """Sweep entries from an evaluation summary (`report.summarize` output) of one reward."""
+                  betas: Mapping[str, float | tuple[float, str]]) -> list[SweepEntry]:
+    """Sweep entries from an evaluation summary (`report.summarize` output) of one reward; `betas`
+    maps a run to β or (β, units)."""
     if reward not in summary:
         raise KeyError(f"no {reward!r} scores in the evaluation (have {sorted(summary)})")
     r = summary[reward]
-    return [SweepEntry(name, run_dir, betas[name], r["mean"][name],
-                       {u: v[name] for u, v in r["per_user"].items()})
-            for name, run_dir in runs.items()]
+    out = []
+    for name, run_dir in runs.items():
+        beta, units = betas[name] if isinstance(betas[name], tuple) else (betas[name], "official")
+        out.append(SweepEntry(name, run_dir, beta, r["mean"][name], {u: v[name] for u, v in r["per_user"].items()},
+                              units))
+    return out
 
 
 def sweep_report(entries: Sequence[SweepEntry], reward: str, prompts: str) -> tuple[dict, str]:
@@ -59,10 +65,14 @@ def sweep_report(entries: Sequence[SweepEntry], reward: str, prompts: str) -> tu
     rows = sorted(entries, key=lambda e: e.beta)
     data = {"reward": reward, "prompts": prompts, "best": best.name, "best_beta": best.beta,
             "best_mean_reward": best.mean_reward, "runs": [asdict(e) for e in rows]}
-    lines = [f"# β sweep: mean {reward} on {prompts}", "", "| run | β | mean reward | best |",
+    if len({e.beta_units for e in entries}) > 1:
+        raise ValueError("the runs give β in different units (loss.beta_units); compare runs of one unit")
+    data["beta_units"] = best.beta_units
+    lines = [f"# β sweep: mean {reward} on {prompts}", "", f"| run | β ({best.beta_units} units) | mean reward | best |",
              "|---|---|---|---|"]
     for e in rows:
         mean = "nan" if math.isnan(e.mean_reward) else f"{e.mean_reward:.4f}"
         lines.append(f"| {e.name} | {e.beta:g} | {mean} | {'**yes**' if e is best else ''} |")
-    lines += ["", f"Best: **{best.name}** (β = {best.beta:g}, mean {reward} = {best.mean_reward:.4f})."]
+    lines += ["", f"Best: **{best.name}** (β = {best.beta:g} in {best.beta_units} units, "
+                  f"mean {reward} = {best.mean_reward:.4f})."]
     return data, "\n".join(lines) + "\n"

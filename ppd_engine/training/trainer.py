@@ -28,6 +28,7 @@ from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
 from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
+from ppd_engine.losses import official_beta
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,8 @@ class Trainer:
             embeds = embeds * (~draws.drop_user).to(embeds.dtype).view(-1, 1, 1)
             loss, st = micro_step_loss(
                 self.model, batch, draws, embeds, self.empty_text, self.empty_pooled, loss_name=cfg.loss.name,
-                beta=cfg.loss.beta, weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
+                beta=official_beta(cfg.loss.beta, cfg.loss.beta_units, self.model.num_train_timesteps),
+                weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
                 loss_options=cfg.loss.options, loss_weights=cfg.loss.weights or None, strategy=t.paired_strategy,
                 autocast_dtype=self.autocast)
             (loss / self.accum).backward()

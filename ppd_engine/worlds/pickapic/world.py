@@ -36,9 +36,11 @@ class PickapicWorld(World):
         d = cfg.data
         pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
                            decode_images=False, progress=env.is_main)
-        _, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
+        shots, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
         seen, unseen = pairs.user_split(unseen_fraction=d.unseen_fraction, seed=d.split_seed)
         seen_set = set(seen)
+        if env.is_main and cfg.log.run_dir:
+            write_users_json(cfg, shots, seen, unseen)
         store = EmbeddingStore(d.embeddings)
         if len(store) == 0:
             raise ValueError(f"data.embeddings={d.embeddings!r} holds no user embeddings; build them first "
@@ -62,7 +64,26 @@ class PickapicWorld(World):
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
         # The cache holds everything the step needs: free the VAE (text encoders stay for the empty caption).
         model.vae = None
-        return WorldParts(model, dataset, embeddings, personalized=True)
+        return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized)
+
+
+def write_users_json(cfg, shots, seen, unseen) -> None:
+    """RUN/users.json: each user's role (seen = trained on, unseen = held out) and the shot pairs
+    its embedding is built from (never trained on), so eval can select users by role."""
+    from pathlib import Path
+
+    from ppd_engine.files import write_json_atomic
+
+    def shot_rows(uid):
+        return [{"uid_w": r.uid_w, "uid_l": r.uid_l, "caption": r.caption, "ranking_id": r.ranking_id}
+                for r in shots.get(uid, [])]
+
+    d = cfg.data
+    users = {u: {"role": role, "shots": shot_rows(u)}
+             for role, ids in (("seen", seen), ("unseen", unseen)) for u in ids}
+    write_json_atomic(Path(cfg.log.run_dir) / "users.json",
+                      {"split": {"n_shots": d.n_shots, "unseen_fraction": d.unseen_fraction, "seed": d.split_seed},
+                       "users": users}, indent=1)
 
 
 register_world(PickapicWorld())
