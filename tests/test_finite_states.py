@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from ppd_engine.config import load_config
+from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 from ppd_engine.training import BadStepsError, Trainer
 from ppd_engine.training import checkpoint as ckpt
-from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
 
 BASE = ["train.pairs_per_step=4", "train.micro_batch=2", "train.mixed_precision=fp32", "optim.name=adamw",
         "log.tensorboard=false", "log.progress=false", "checkpoint.every=1", "checkpoint.keep_last=10"]
@@ -28,9 +28,10 @@ def test_huge_lr_update_is_rolled_back_and_never_saved(tmp_path):
     """lr=1e30 with weight_decay=1e10 pass the config (finite), but AdamW's decay factor
     1 - lr * weight_decay overflows float32: the first update makes the adapters inf/NaN."""
     model = tiny_model("sd15")
-    cfg = load_config(None, [*BASE, "optim.lr=1e30", "optim.weight_decay=1e10", "train.max_steps=6", "train.max_bad_steps=2"])
+    cfg = load_config(None, [*BASE, "optim.lr=1e30", "optim.weight_decay=1e10", "train.max_steps=6",
+                             "train.max_bad_steps=2"])
     trainer = Trainer(cfg, model, make_items(model, 8), make_embeddings(du=24), str(tmp_path))
-    with pytest.raises(BadStepsError, match="no finite checkpoint|last finite"):
+    with pytest.raises(BadStepsError, match="last finite state"):
         trainer.fit()
     assert trainer.updates == 0 and trainer.bad_total == 3
     assert all(torch.isfinite(p).all() for p in trainer.params)

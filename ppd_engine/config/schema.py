@@ -165,7 +165,9 @@ class DistConfig:
 class LogConfig:
     """Run folder, metrics, TensorBoard, sample grids."""
 
-    run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>")
+    run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>[-N] (a new folder)")
+    overwrite: bool = _f(False, "a fresh run into a folder that holds another run moves that run aside to "
+                                "RUN.replaced-<UTC time> (never deleted); false = refuse")
     tensorboard: bool = _f(True, "also write TensorBoard events to RUN/tb when tensorboard is installed")
     progress: bool = _f(True, "show the tqdm progress bar")
     sample_every: int = _f(0, "write RUN/samples/step-N.png every this many steps; 0 = never")

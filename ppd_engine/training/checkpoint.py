@@ -144,7 +144,8 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
-    """Rename the finished temp folder to its final name and delete all but the newest `keep_last`.
+    """Rename the finished temp folder to its final name and delete all but the newest `keep_last`
+    of the checkpoints up to it.
 
     The rename is the commit point: a crash before it leaves only a `.tmp-*` folder, which
     `list_checkpoints` ignores, so the previous checkpoint stays the latest complete one."""
@@ -157,6 +158,9 @@ def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    ckpts = list_checkpoints(final.parent.parent)
+    # Only checkpoints up to this one: after a resume from an older step, the newer checkpoints of
+    # the abandoned continuation sort later but are not older than what was just written.
+    step = int(_STEP_RE.match(final.name).group(1))
+    ckpts = [c for c in list_checkpoints(final.parent.parent) if c[0] <= step]
     for _, path in ckpts[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)

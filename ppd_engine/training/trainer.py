@@ -28,6 +28,7 @@ from ppd_engine.training.finite import StepSnapshot, all_finite
 from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
+from ppd_engine.training.run_folder import take_run_folder
 from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,12 @@ class Trainer:
         env, t, o = self.env, self.cfg.train, self.cfg.optim
         if not env.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Continuing this folder's run (latest, or one of its own checkpoints) is not a new run.
+        resuming = self.cfg.checkpoint.resume == "latest" or (
+            self.resume_from is not None and self.run_dir.resolve() in self.resume_from.resolve().parents)
+        moved = take_run_folder(self.run_dir, resuming=resuming, overwrite=self.cfg.log.overwrite)
+        if moved is not None:
+            logger.warning("log.overwrite=true: the run that was in %s is now in %s", self.run_dir, moved)
         save_config(self.cfg, self.run_dir / "config.yaml")
         if self.resume_from is None:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -424,8 +430,8 @@ class Trainer:
                     self.bad_run = 0
                     path = self.save_checkpoint()
                     raise BadStepsError(
-                        f"{cfg.train.max_bad_steps + 1} consecutive steps had a NaN/Inf loss, gradient or "
-                        f"update (last at step {self.step}); stopped. The last finite state is in {path}. "
+                        f"{cfg.train.max_bad_steps + 1} consecutive steps had a NaN/Inf loss or gradient, or a "
+                        f"non-finite update (last at step {self.step}); stopped. The last finite state is in {path}. "
                         f"Lower optim.lr, check the data, or raise train.max_bad_steps.")
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                     self.write_samples(metrics)
