@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ppd_engine.config import Config, save_config
+from ppd_engine.integrity import CorruptFileError
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
@@ -205,6 +206,11 @@ class Trainer:
         rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
         if rng.is_file():
             ckpt.restore_rng_state(rng)
+        elif env.rank < state["world_size"]:
+            raise CorruptFileError(f"{rng} is missing: rank {env.rank} cannot resume its random state")
+        else:
+            logger.warning("rank %d: %s saved %d rank(s); this rank starts from fresh RNG state (the data "
+                           "draws do not depend on it)", env.rank, self.resume_from, state["world_size"])
 
     def _prepare_conditioning(self) -> None:
         """The empty caption's conditioning (caption dropout) and the autocast dtype."""
@@ -353,8 +359,10 @@ class Trainer:
         if self.sharded or env.is_main:
             save_optimizer_state(self.optimizer, str(tmp / f"optimizer-rank{env.rank}"))
         ckpt.save_rng_state(tmp / f"rng-rank{env.rank}.safetensors")
+        barrier(env)  # every rank's files are in: rank 0 hashes them all into state.json
         if env.is_main:
-            ckpt.write_json(tmp / "state.json", {
+            save_config(self.cfg, tmp / "config.yaml")
+            ckpt.write_state(tmp, {
                 "step": self.step, "updates": self.updates, "bad_steps_total": self.bad_total,
                 "consecutive_bad": self.bad_run, "world_size": env.world_size, "sharded": self.sharded,
                 "optimizer": self.cfg.optim.name, "data_items": len(self.dataset),
@@ -362,7 +370,6 @@ class Trainer:
                 # Lets eval tell the non-personalized baseline from a PPD run without being told.
                 "personalized": self.personalized,
             })
-            save_config(self.cfg, tmp / "config.yaml")
         barrier(env)
         if env.is_main:
             ckpt.publish_checkpoint(tmp, final, self.cfg.checkpoint.keep_last)
