@@ -102,7 +102,8 @@ def add_judge(p: argparse.ArgumentParser, required: bool) -> argparse._ArgumentG
     g.add_argument("--judge", default="local" if required else None, choices=("local", "http"),
                    help="judge backend: 'local' = a transformers VLM (LLaVA-OneVision, Qwen2-VL) named by "
                         f"--judge-model; 'http' = an OpenAI-compatible endpoint, URL and key from ${ENV_BASE_URL} "
-                        f"/ ${ENV_API_KEY}; each pair is asked in both orders and kept only when the answers agree"
+                        f"/ ${ENV_API_KEY} (else $OPENAI_BASE_URL / $OPENAI_API_KEY; redirects refused); each "
+                        "pair is asked in both orders and kept only when the answers agree"
                         + (" (default: local)" if required else ""))
     g.add_argument("--judge-model", default=None, required=required,
                    help="judge VLM folder / hub id (local), or the endpoint's model name (http)")
