@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """argparse, with a hint for flag-style config keys (`--max_steps 10` -> `train.max_steps=10`)."""
+    """argparse, with a hint for flag-style config keys (`--max_steps 10` -> `train.max_steps=10`).
+    Overrides may stand on both sides of the options (`a=1 --config toy b=2`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
     if unknown:
         flag = unknown[0]
         # argparse may have taken the flag's value as an override: read it back from argv.
