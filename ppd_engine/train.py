@@ -166,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
 
     from ppd_engine.training import BadStepsError
-    from ppd_engine.training.distributed import init_distributed
+    from ppd_engine.training.distributed import init_distributed, shutdown_distributed
     from ppd_engine.world import get_world
 
     world = get_world(cfg.world)
-    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
+    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.heartbeat_s)
     claim_run_dir(cfg, env)
     if env.is_main:
         save_config(cfg, Path(cfg.log.run_dir) / "config.yaml")
@@ -182,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 3
     finally:
-        if env.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown_distributed(env)
     if env.is_main:
         for line in outcome.lines:
             print(line)

@@ -9,7 +9,8 @@ and one-line errors with a non-zero exit.
     --debug                           show the traceback of an input error instead of one line
 
 Exit codes: 0 success, 2 usage or input error (one line on stderr, naming the file, key or flag),
-3 training stopped on bad steps, 1 a bug (traceback).
+3 training stopped on bad steps, 4 a peer rank stopped answering (training/distributed.py
+Heartbeat), 1 a bug (traceback). docs/RELIABILITY.md lists what the engine promises.
 """
 
 from __future__ import annotations

@@ -281,6 +281,8 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.adapters.user_dim >= 0, "adapters.user_dim", f"{cfg.adapters.user_dim} must be >= 0")
     need(cfg.adapters.projection in ("linear", "resampler"), "adapters.projection",
          f"{cfg.adapters.projection!r} is not allowed; choose one of: linear, resampler")
+    need(cfg.dist.timeout_s >= 1, "dist.timeout_s", f"{cfg.dist.timeout_s} must be >= 1")
+    need(cfg.dist.heartbeat_s >= 0, "dist.heartbeat_s", f"{cfg.dist.heartbeat_s} must be >= 0 (0 = no watchdog)")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"{cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0")

@@ -158,7 +158,10 @@ class DistConfig:
         "replicate", "trainable adapters: shard (FSDP2 fully_shard: params, grads and optimizer state "
         "sharded) | replicate (full copy per rank, gradients all-reduced); see docs/DISTRIBUTED.md")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto = nccl on GPU, gloo on CPU")
-    timeout_s: int = _f(1800, "collective timeout in seconds")
+    timeout_s: int = _f(600, "collective timeout in seconds: the longest a rank waits inside one collective "
+                             "(a step's all-reduce, rank 0's checkpoint write or sample grid)")
+    heartbeat_s: float = _f(60.0, "a rank ends (exit 4, naming the peer) when a peer has sent no heartbeat for "
+                                  "this long (stopped or hung); 0 = no watchdog")
 
 
 @dataclass

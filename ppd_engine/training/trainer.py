@@ -97,7 +97,7 @@ class Trainer:
         # The caller (the CLI, a world) joins the process group once; a library caller may let the
         # trainer do it from train.device / dist.*.
         self.env = env if env is not None else init_distributed(cfg.train.device, cfg.dist.backend,
-                                                                cfg.dist.timeout_s)
+                                                                cfg.dist.timeout_s, cfg.dist.heartbeat_s)
         self._check_inputs()
         self._plan_data()
         self._add_adapters()
