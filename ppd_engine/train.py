@@ -109,7 +109,7 @@ def claim_run_dir(cfg, env) -> None:
     """Rank 0 takes cfg.log.run_dir for this run (or names a new one); every rank learns the folder,
     or the one-line refusal, so no rank starts on a folder another run holds."""
     from ppd_engine.training.distributed import broadcast_str
-    from ppd_engine.training.run_folder import RunFolderError, claim_run_folder
+    from ppd_engine.training.run_folder import RunFolderError, claim_run_folder, continues_run
 
     reply = ""
     if env.is_main:
@@ -117,8 +117,8 @@ def claim_run_dir(cfg, env) -> None:
             if not cfg.log.run_dir:
                 reply = "dir:" + default_run_dir(cfg)
             else:
-                moved = claim_run_folder(cfg.log.run_dir, resuming=cfg.checkpoint.resume == "latest",
-                                         overwrite=cfg.log.overwrite)
+                resuming = continues_run(cfg.checkpoint.resume, cfg.log.run_dir)
+                moved = claim_run_folder(cfg.log.run_dir, resuming=resuming, overwrite=cfg.log.overwrite)
                 if moved is not None:
                     log.warning("log.overwrite=true: the run that was in %s is now in %s", cfg.log.run_dir, moved)
                 reply = "dir:" + cfg.log.run_dir

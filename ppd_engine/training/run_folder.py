@@ -34,6 +34,17 @@ def _key(folder: Path) -> str:
     return str(folder.resolve())
 
 
+def continues_run(resume: str, folder: str | os.PathLike) -> bool:
+    """Whether `checkpoint.resume` continues the run in `folder` (latest, the folder itself, or one
+    of its own checkpoints) rather than starting a new run there."""
+    if resume == "latest":
+        return True
+    if not resume:
+        return False
+    own, target = Path(folder).resolve(), Path(resume).resolve()
+    return target == own or own in target.parents
+
+
 def move_aside(folder: Path) -> Path:
     """Rename `folder` to a sibling folder.replaced-<UTC time>[-N] that did not exist; returns it."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

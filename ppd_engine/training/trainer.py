@@ -29,7 +29,7 @@ from ppd_engine.training.finite import StepSnapshot, all_finite
 from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
-from ppd_engine.training.run_folder import take_run_folder
+from ppd_engine.training.run_folder import continues_run, take_run_folder
 from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
 
 logger = logging.getLogger(__name__)
@@ -226,10 +226,8 @@ class Trainer:
         env, t, o = self.env, self.cfg.train, self.cfg.optim
         if not env.is_main:
             return
-        # Continuing this folder's run (latest, or one of its own checkpoints) is not a new run.
-        resuming = self.cfg.checkpoint.resume == "latest" or (
-            self.resume_from is not None and self.run_dir.resolve() in self.resume_from.resolve().parents)
-        moved = take_run_folder(self.run_dir, resuming=resuming, overwrite=self.cfg.log.overwrite)
+        moved = take_run_folder(self.run_dir, resuming=continues_run(self.cfg.checkpoint.resume, self.run_dir),
+                                overwrite=self.cfg.log.overwrite)
         if moved is not None:
             logger.warning("log.overwrite=true: the run that was in %s is now in %s", self.run_dir, moved)
         save_config(self.cfg, self.run_dir / "config.yaml")
