@@ -54,12 +54,16 @@ def load_embedding_file(path: str | os.PathLike) -> torch.Tensor:
 
     Accepted: a file with a single tensor (T_in, Du) or (K, T_in, Du) (first of K), a tensor named
     "embedding", or a one-user EmbeddingStore file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--embedding {path}: expected a .safetensors file")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"--embedding {path}: not a readable safetensors file (truncated?): {exc}") from None
     if "embedding" in tensors:
         t = tensors["embedding"]
     elif len(tensors) == 1:

@@ -67,3 +67,13 @@ def test_overrides_on_both_sides_of_config():
 
     args = _parse(build_parser(), ["train.max_steps=7", "--config", "toy_smoke", "loss.beta=3"])
     assert args.config == "toy_smoke" and args.overrides == ["train.max_steps=7", "loss.beta=3"]
+
+
+def test_a_truncated_embedding_file_is_one_named_error(tmp_path):
+    from ppd_engine.sample import load_embedding_file
+
+    path = tmp_path / "me.safetensors"
+    save_file({"embedding": torch.randn(2, 8)}, str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=rf"--embedding {path}: not a readable safetensors file"):
+        load_embedding_file(path)
