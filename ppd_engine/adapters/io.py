@@ -17,6 +17,7 @@ Stock diffusers applies the user branch with scale 1 (change with `pipe.set_ip_a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -31,6 +32,7 @@ from .families import PROJECTION_NAME
 from .handle import UserAdapters, add_user_adapters, get_user_adapters
 
 _META_KEY = "ppd_user_adapters"
+log = logging.getLogger(__name__)
 
 
 class AdapterFileError(ValueError):
@@ -59,7 +61,9 @@ def _open(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _check_hash(path: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     if TENSORS_SHA256 not in meta:
-        raise AdapterFileError(f"{path} records no '{TENSORS_SHA256}' (not written by this ppd_engine?)")
+        # Files written before the hash was recorded still load (as checkpoints without hashes do).
+        log.warning("%s records no '%s' (written by an older ppd_engine); not verified", path, TENSORS_SHA256)
+        return
     if tensors_sha256(tensors) != meta[TENSORS_SHA256]:
         raise AdapterFileError(f"{path}: tensor data does not match its sha256 (corrupted file)")
 
