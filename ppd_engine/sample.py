@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 from ppd_engine.cli.common import (
-    DefaultsFormatter, UsageError, add_checkpoint, add_debug, add_device, add_progress, cli_errors, resolve_device)
+    DefaultsFormatter,
+    UsageError,
+    add_checkpoint,
+    add_debug,
+    add_device,
+    add_progress,
+    cli_errors,
+    resolve_device,
+)
 from ppd_engine.files import save_image_atomic, write_json_atomic
 
 
@@ -28,12 +36,16 @@ def load_embedding_file(path: str | os.PathLike) -> torch.Tensor:
 
     Accepted: a file with a single tensor (T_in, Du) or (K, T_in, Du) (first of K), a tensor named
     "embedding", or a one-user EmbeddingStore file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--embedding {path}: expected a .safetensors file")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"--embedding {path}: not a readable safetensors file (truncated?): {exc}") from None
     if "embedding" in tensors:
         t = tensors["embedding"]
     elif len(tensors) == 1:
@@ -45,6 +57,8 @@ def load_embedding_file(path: str | os.PathLike) -> torch.Tensor:
         t = t[0]
     if t.dim() != 2:
         raise ValueError(f"--embedding {path}: tensor must be (T_in, Du) or (K, T_in, Du), got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"--embedding {path}: holds NaN/Inf values")
     return t.float()
 
 
@@ -56,11 +70,16 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
         if not sep or not name:
             raise ValueError(f"--mix {spec!r}: each item must be NAME:WEIGHT")
         try:
-            out.append((name, float(w)))
+            weight = float(w)
         except ValueError:
             raise ValueError(f"--mix {spec!r}: weight {w!r} of {name!r} is not a number") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"--mix {spec!r}: weight {w!r} of {name!r} is not a finite number")
+        out.append((name, weight))
     if not out:
         raise ValueError("--mix needs at least one NAME:WEIGHT")
+    if sum(w for _, w in out) == 0:
+        raise ValueError(f"--mix {spec!r}: the weights sum to 0 (a mix is a weighted average of users)")
     return out
 
 
@@ -122,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1:
         raise UsageError("--n must be >= 1")
+    for flag, value in (("--guidance", args.guidance), ("--user-guidance", args.user_guidance),
+                        ("--user-scale", args.user_scale)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value}: not a finite number (NaN/Inf would sample black images)")
     import ppd_engine.worlds  # noqa: F401  (a run of any registered world can be sampled)
     from ppd_engine.sampling import generate, scheduler_class
     from ppd_engine.training import load_run
@@ -140,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         mix = parse_mix(args.mix)
         embed = run_user_embedding(run, cfg, mix=mix)
         source = "mix " + ", ".join(f"{w:g} x {name}" for name, w in mix)
+    if embed is not None and not torch.isfinite(embed).all():
+        raise ValueError(f"the embedding of {source} holds NaN/Inf values")
     # What the run itself sampled with, unless a flag says otherwise.
     defaults = sampling_defaults(cfg)
     guidance = args.guidance if args.guidance is not None else defaults["guidance"]

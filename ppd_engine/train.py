@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """argparse, with a hint for flag-style config keys (`--max_steps 10` -> `train.max_steps=10`)."""
+    """argparse, with a hint for flag-style config keys (`--max_steps 10` -> `train.max_steps=10`).
+    Overrides may stand on both sides of the options (`a=1 --config toy b=2`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
     if unknown:
         flag = unknown[0]
         # argparse may have taken the flag's value as an override: read it back from argv.
@@ -98,7 +99,35 @@ def resolve_config(args: argparse.Namespace, runnable: bool = True):
 
 
 def default_run_dir(cfg) -> str:
-    return str(Path("runs") / f"{cfg.world}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    """runs/<world>-<UTC time>, with -2, -3, ... when taken: a new folder, created (and claimed) here."""
+    from ppd_engine.training.run_folder import unique_run_dir
+
+    return str(unique_run_dir(Path("runs") / f"{cfg.world}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"))
+
+
+def claim_run_dir(cfg, env) -> None:
+    """Rank 0 takes cfg.log.run_dir for this run (or names a new one); every rank learns the folder,
+    or the one-line refusal, so no rank starts on a folder another run holds."""
+    from ppd_engine.training.distributed import broadcast_str
+    from ppd_engine.training.run_folder import RunFolderError, claim_run_folder, continues_run
+
+    reply = ""
+    if env.is_main:
+        try:
+            if not cfg.log.run_dir:
+                reply = "dir:" + default_run_dir(cfg)
+            else:
+                resuming = continues_run(cfg.checkpoint.resume, cfg.log.run_dir)
+                moved = claim_run_folder(cfg.log.run_dir, resuming=resuming, overwrite=cfg.log.overwrite)
+                if moved is not None:
+                    log.warning("log.overwrite=true: the run that was in %s is now in %s", cfg.log.run_dir, moved)
+                reply = "dir:" + cfg.log.run_dir
+        except RunFolderError as exc:
+            reply = "err:" + str(exc)
+    reply = broadcast_str(reply, env)
+    if reply.startswith("err:"):
+        raise RunFolderError(reply[4:])
+    cfg.log.run_dir = reply[4:]
 
 
 def _summary(result, seconds: float) -> str:
@@ -108,11 +137,14 @@ def _summary(result, seconds: float) -> str:
         v = m.get(key)
         return format(v, spec) if isinstance(v, (int, float)) else "n/a"
 
+    def existing(path) -> str:  # the summary names only files that are there
+        return str(path) if path and Path(path).exists() else "none"
+
     return (f"\nDone: {result.steps} steps in {seconds / 60:.1f} min -> {result.run_dir}\n"
             f"  last step: loss {fmt('loss', '.4f')}, implicit acc {fmt('implicit_acc', '.3f')}, "
             f"reward margin {fmt('reward_margin', '.4f')}, {fmt('pairs_per_s', '.1f')} pairs/s\n"
-            f"  checkpoint: {result.last_checkpoint}\n"
-            f"  metrics:    {Path(result.run_dir) / 'metrics.jsonl'}")
+            f"  checkpoint: {existing(result.last_checkpoint)}\n"
+            f"  metrics:    {existing(Path(result.run_dir) / 'metrics.jsonl')}")
 
 
 @cli_errors
@@ -134,14 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
 
     from ppd_engine.training import BadStepsError
-    from ppd_engine.training.distributed import broadcast_str, init_distributed
+    from ppd_engine.training.distributed import init_distributed, shutdown_distributed
     from ppd_engine.world import get_world
 
     world = get_world(cfg.world)
-    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s)
-    if not cfg.log.run_dir:
-        # One name for every rank (their clocks may straddle a second).
-        cfg.log.run_dir = broadcast_str(default_run_dir(cfg), env)
+    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.heartbeat_s)
+    claim_run_dir(cfg, env)
     if env.is_main:
         save_config(cfg, Path(cfg.log.run_dir) / "config.yaml")
         log.info("run folder: %s", cfg.log.run_dir)
@@ -152,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 3
     finally:
-        if env.initialized_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown_distributed(env)
     if env.is_main:
         for line in outcome.lines:
             print(line)

@@ -285,3 +285,80 @@ def test_cli_winrate_from_manifest(tmp_path, monkeypatch):
                   "--judge-model", "m", "--judge-workers", "1", "--no-progress"])
     assert (r["wins_a"], r["wins_b"], r["dropped"], r["win_rate_a"]) == (1, 0, 1, 1.0)
     assert r["skipped_no_shots"] == 1 and r["skipped_bad_rows"] == 2 and r["users"] == 2
+
+
+# ---- credentials: redirects, echoed keys, OPENAI_* variables ------------------------------------
+
+class _Recorder(_Server):
+    """A loopback server on `host` recording every request's method and Authorization header and
+    answering with `reply(method) -> (status, headers, body)`."""
+
+    def __init__(self, host, reply):
+        self.requests = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                outer.requests.append((self.command, self.headers.get("Authorization")))
+                status, headers, body = reply(self.command)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
+        self.base = f"http://{host}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+
+def test_http_judge_never_sends_the_key_across_a_redirect():
+    ok = json.dumps(_chat("Prediction of user preference: Image 1")).encode()
+    with _Recorder("127.0.0.2", lambda m: (200, {"Content-Type": "application/json"}, ok)) as other:
+        moved = {"Location": f"{other.base}/v1/chat/completions"}
+        with _Recorder("127.0.0.1", lambda m: (302, moved, b"")) as first:
+            backend = OpenAIBackend("m", base_url=f"{first.base}/v1", api_key="sk-secret-redirect-0001",
+                                    max_retries=0)
+            rng = np.random.default_rng(4)
+            with pytest.raises(RuntimeError, match="redirect") as info:
+                Judge(backend).compare(_shots(rng), _img(rng), _img(rng), "q")
+        assert first.requests and first.requests[0][1] == "Bearer sk-secret-redirect-0001"
+        assert all(auth is None for _, auth in other.requests)
+        assert "sk-secret-redirect-0001" not in str(info.value)
+
+
+def test_http_judge_redacts_a_key_echoed_in_an_error_body():
+    key = "sk-echo-this-key-9876543210"
+    body = json.dumps({"error": f"Incorrect API key provided: {key}"}).encode()
+    with _Recorder("127.0.0.1", lambda m: (401, {"Content-Type": "application/json"}, body)) as srv:
+        backend = OpenAIBackend("m", base_url=f"{srv.base}/v1", api_key=key, max_retries=0)
+        rng = np.random.default_rng(5)
+        with pytest.raises(RuntimeError, match="HTTP 401") as info:
+            Judge(backend).compare(_shots(rng), _img(rng), _img(rng), "q")
+    assert key not in str(info.value) and "[redacted]" in str(info.value)
+
+
+def test_http_judge_reads_openai_variables(monkeypatch):
+    ok = json.dumps(_chat("Prediction of user preference: Image 1")).encode()
+    monkeypatch.delenv("PPD_JUDGE_BASE_URL", raising=False)
+    monkeypatch.delenv("PPD_JUDGE_API_KEY", raising=False)
+    with _Recorder("127.0.0.1", lambda m: (200, {"Content-Type": "application/json"}, ok)) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", f"{srv.base}/v1")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-from-openai-env")
+        backend = OpenAIBackend("m", max_retries=0)
+        assert backend.base_url == f"{srv.base}/v1" and "sk-from-openai-env" not in repr(backend)
+        rng = np.random.default_rng(6)
+        Judge(backend).compare(_shots(rng), _img(rng), _img(rng), "q")
+        assert srv.requests[0][1] == "Bearer sk-from-openai-env"
+        # The OpenAI key never goes to the engine's own endpoint variable's server.
+        monkeypatch.setenv("PPD_JUDGE_BASE_URL", f"{srv.base}/v1")
+        assert OpenAIBackend("m")._api_key is None

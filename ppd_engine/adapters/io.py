@@ -2,7 +2,9 @@
 
 Our format: one safetensors file; tensors under the model-level parameter names
 (`ppd_user_proj.*`, `<attention>.processor.to_k_ip.weight`, ...); the adapter config as JSON in
-the metadata key "ppd_user_adapters". Files are written to a temporary name and renamed.
+the metadata key "ppd_user_adapters" and the sha256 of the tensors (integrity.tensors_sha256) in
+"ppd_tensors_sha256", checked on load (the exported IP-Adapter file records it too;
+`check_tensor_hash` verifies either). Files are written to a temporary name and renamed.
 
 IP-Adapter export (UNet2DConditionModel only): `image_proj.*` in IP-Adapter's original key
 naming (which diffusers' `_convert_ip_adapter_image_proj_to_diffusers` converts) and
@@ -26,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ppd_engine.files import save_safetensors_atomic
+from ppd_engine.integrity import TENSORS_SHA256, tensors_sha256
 
 from .families import PROJECTION_NAME
 from .handle import UserAdapters, add_user_adapters, get_user_adapters
@@ -44,26 +47,54 @@ def save_user_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter weights of `model` and their config to `path` (safetensors, atomic)."""
     handle = get_user_adapters(model)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in handle.named_parameters()}
-    save_safetensors_atomic(tensors, path, {_META_KEY: json.dumps(handle.config)})
+    save_safetensors_atomic(tensors, path, {_META_KEY: json.dumps(handle.config),
+                                            TENSORS_SHA256: tensors_sha256(tensors)})
 
 
-def read_user_adapters(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of a file written by `save_user_adapters`, without a model."""
-    path = os.fspath(path)
+def _open(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, or AdapterFileError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter file {path} does not exist")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFileError(f"{path} is not a readable safetensors file (corrupted or truncated?): {exc}") from exc
+
+
+def _check_hash(path: str, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    if TENSORS_SHA256 not in meta:
+        # Files written before the hash was recorded still load (as checkpoints without hashes do).
+        logger.warning("%s records no '%s' (written by an older ppd_engine); not verified", path, TENSORS_SHA256)
+        return
+    if tensors_sha256(tensors) != meta[TENSORS_SHA256]:
+        raise AdapterFileError(f"{path}: tensor data does not match its sha256 (corrupted file)")
+
+
+def check_tensor_hash(path: str | os.PathLike) -> None:
+    """Verify a file written by save_user_adapters or export_ip_adapter against the tensor hash in
+    its metadata; AdapterFileError naming the file on a mismatch."""
+    path = os.fspath(path)
+    _check_hash(path, *_open(path))
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    path = os.fspath(path)
+    meta, tensors = _open(path)
     if _META_KEY not in meta:
         raise AdapterFileError(f"{path} has no '{_META_KEY}' metadata: not a file written by save_user_adapters")
     try:
         config = json.loads(meta[_META_KEY])
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{path}: the '{_META_KEY}' metadata is not valid JSON ({exc})") from exc
+    return config, tensors, meta
+
+
+def read_user_adapters(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a file written by `save_user_adapters`, without a model; the tensors
+    are verified against the hash the file records."""
+    config, tensors, meta = _read(path)
+    _check_hash(os.fspath(path), meta, tensors)
     return config, tensors
 
 
@@ -73,7 +104,7 @@ def load_user_adapters(model: nn.Module, path: str | os.PathLike) -> UserAdapter
     On a model without adapters, they are first added with the file's config; on a model that
     has them, the config must agree. Strict: any missing or unexpected key or shape mismatch
     raises AdapterFileError naming the key and both shapes; nothing is copied in that case."""
-    config, tensors = read_user_adapters(path)
+    config, tensors, meta = _read(path)
     if config.get("model_class") != type(model).__name__:
         raise AdapterFileError(f"{path} holds adapters for {config.get('model_class')}, not {type(model).__name__}")
     handle = getattr(model, "_ppd_user_adapters", None)
@@ -106,6 +137,7 @@ def load_user_adapters(model: nn.Module, path: str | os.PathLike) -> UserAdapter
     for key, t in tensors.items():
         if key not in params:
             raise AdapterFileError(f"{path}: unexpected key {key!r} with shape {tuple(t.shape)} (not in the model)")
+    _check_hash(os.fspath(path), meta, tensors)  # after the named key/shape checks, before any copy
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])
@@ -260,7 +292,8 @@ def write_ip_adapter(sd: dict[str, dict[str, torch.Tensor]], config: dict, path:
     """Save an `ip_adapter_state_dict` as one safetensors file (`image_proj.*`, `ip_adapter.*`; atomic)."""
     tensors = {f"{group}.{k}": v for group, part in sd.items() for k, v in part.items()}
     save_safetensors_atomic(tensors, path, {"format": "pt", "source": "ppd_engine.export_ip_adapter",
-                                            "ppd_input": input_layout(config), _META_KEY: json.dumps(config)})
+                                            "ppd_input": input_layout(config), _META_KEY: json.dumps(config),
+                                            TENSORS_SHA256: tensors_sha256(tensors)})
 
 
 def input_layout(config: dict) -> str:

@@ -9,7 +9,8 @@ and one-line errors with a non-zero exit.
     --debug                           show the traceback of an input error instead of one line
 
 Exit codes: 0 success, 2 usage or input error (one line on stderr, naming the file, key or flag),
-3 training stopped on bad steps, 1 a bug (traceback).
+3 training stopped on bad steps, 4 a peer rank stopped answering (training/distributed.py
+Heartbeat), 1 a bug (traceback). docs/RELIABILITY.md lists what the engine promises.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def add_judge(p: argparse.ArgumentParser, required: bool) -> argparse._ArgumentG
     g.add_argument("--judge", default="local" if required else None, choices=("local", "http"),
                    help="judge backend: 'local' = a transformers VLM (LLaVA-OneVision, Qwen2-VL) named by "
                         f"--judge-model; 'http' = an OpenAI-compatible endpoint, URL and key from ${ENV_BASE_URL} "
-                        f"/ ${ENV_API_KEY}; each pair is asked in both orders and kept only when the answers agree"
+                        f"/ ${ENV_API_KEY} (else $OPENAI_BASE_URL / $OPENAI_API_KEY; redirects refused); each "
+                        "pair is asked in both orders and kept only when the answers agree"
                         + (" (default: local)" if required else ""))
     g.add_argument("--judge-model", default=None, required=required,
                    help="judge VLM folder / hub id (local), or the endpoint's model name (http)")

@@ -21,6 +21,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -259,8 +260,12 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(t.max_steps >= 0, "train.max_steps", f"{t.max_steps} must be >= 0 (0 = from epochs)")
     need(t.grad_clip >= 0, "train.grad_clip", f"{t.grad_clip} must be >= 0 (0 = off)")
     need(t.max_bad_steps >= 0, "train.max_bad_steps", f"{t.max_bad_steps} must be >= 0")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device",
          f"{t.device!r} is not allowed; choose auto | cpu | cuda | cuda:N")
+    # Seeds feed SeedSequence and torch generators whole (never reduced mod 2^32); torch takes < 2^63.
+    for key, seed in (("train.seed", t.seed), ("data.split_seed", cfg.data.split_seed),
+                      ("log.sample_seed", cfg.log.sample_seed)):
+        need(0 <= seed < 2**63, key, f"{seed} must be in [0, 2^63)")
     need(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
@@ -281,6 +286,8 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.adapters.user_dim >= 0, "adapters.user_dim", f"{cfg.adapters.user_dim} must be >= 0")
     need(cfg.adapters.projection in ("linear", "resampler"), "adapters.projection",
          f"{cfg.adapters.projection!r} is not allowed; choose one of: linear, resampler")
+    need(cfg.dist.timeout_s >= 1, "dist.timeout_s", f"{cfg.dist.timeout_s} must be >= 1")
+    need(cfg.dist.heartbeat_s >= 0, "dist.heartbeat_s", f"{cfg.dist.heartbeat_s} must be >= 0 (0 = no watchdog)")
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"{cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0")

@@ -172,16 +172,21 @@ class DistConfig:
         "replicate", "trainable adapters: shard (FSDP2 fully_shard: params, grads and optimizer state "
         "sharded) | replicate (full copy per rank, gradients all-reduced); see docs/DISTRIBUTED.md")
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "process-group backend; auto = nccl on GPU, gloo on CPU")
-    timeout_s: int = _f(1800, "collective timeout in seconds")
+    timeout_s: int = _f(600, "collective timeout in seconds: the longest a rank waits inside one collective "
+                             "(a step's all-reduce, rank 0's checkpoint write or sample grid)")
+    heartbeat_s: float = _f(60.0, "a rank ends (exit 4, naming the peer) when a peer has sent no heartbeat for "
+                                  "this long (stopped or hung); 0 = no watchdog")
 
 
 @dataclass
 class LogConfig:
     """Run folder, metrics, experiment trackers, sample grids."""
 
-    run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>")
+    run_dir: str = _f("", "run folder; empty = runs/<world>-<UTC time>[-N] (a new folder)")
+    overwrite: bool = _f(False, "a fresh run into a folder that holds another run moves that run aside to "
+                                "RUN.replaced-<UTC time> (never deleted); false = refuse")
     report_to: str = _f(
-        "tensorboard", "experiment trackers (through accelerate's): none | tensorboard (RUN/tb) | wandb | mlflow | "
+        "tensorboard", "experiment trackers: none | tensorboard (RUN/tb) | wandb | mlflow | "
         "all (every one installed), or a comma list such as tensorboard,wandb; the resolved config is logged as "
         "hyper-parameters and sample grids as images; a requested tracker that is not installed is an error "
         "at start-up (replaces log.tensorboard, still read: true = tensorboard, false = none)")

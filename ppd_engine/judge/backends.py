@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,35 @@ log = logging.getLogger(__name__)
 
 ENV_BASE_URL = "PPD_JUDGE_BASE_URL"
 ENV_API_KEY = "PPD_JUDGE_API_KEY"
+# The ecosystem's variables, read when the engine's own are unset.
+OPENAI_BASE_URL = "OPENAI_BASE_URL"
+OPENAI_API_KEY = "OPENAI_API_KEY"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_REDACTED = "[redacted]"
+# Things that look like credentials in a server's error text, whatever key we sent.
+_SECRET_RE = re.compile(r"(Bearer\s+)\S+|\bsk-[A-Za-z0-9_\-]{8,}")
+
+
+def _endpoint(base_url: str | None, api_key: str | None) -> tuple[str, str | None]:
+    """(base URL, key): arguments first, then $PPD_JUDGE_*, then $OPENAI_*. $OPENAI_API_KEY is used
+    only with $OPENAI_BASE_URL or OpenAI's own URL, so it is never sent to an endpoint named some
+    other way (e.g. a local server in $PPD_JUDGE_BASE_URL)."""
+    env = os.environ
+    if base_url or env.get(ENV_BASE_URL):
+        url, openai_url = base_url or env[ENV_BASE_URL], False
+    else:
+        url, openai_url = env.get(OPENAI_BASE_URL) or DEFAULT_BASE_URL, True
+    if api_key is None:
+        api_key = env.get(ENV_API_KEY) or (env.get(OPENAI_API_KEY) if openai_url else None)
+    return url.rstrip("/"), api_key
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: urllib would resend the Authorization header to wherever the
+    Location points. The 3xx surfaces as an HTTPError instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class LocalVLMBackend:
@@ -56,8 +85,10 @@ class LocalVLMBackend:
 class OpenAIBackend:
     """Any OpenAI-compatible `/chat/completions` endpoint (OpenAI, vLLM, SGLang, TGI, ...).
 
-    The base URL and API key come from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY unless given; the key
-    is sent only in the Authorization header and never logged. 429 and 5xx responses, timeouts and
+    The base URL and API key come from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY unless given, else from
+    $OPENAI_BASE_URL / $OPENAI_API_KEY (see `_endpoint`); the key is sent only in the Authorization
+    header, never across a redirect (a 3xx raises), and never logged or printed: error bodies are
+    shown with it (and anything key-like) redacted. 429 and 5xx responses, timeouts and
     connection errors are retried with exponential backoff (honouring Retry-After); a request that
     still fails yields None (the judgement is then dropped as inconsistent). Other 4xx answers mean
     a wrong model name, URL or key, which every later request would repeat, so they raise."""
@@ -69,8 +100,8 @@ class OpenAIBackend:
                  max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0, image_format: str = "JPEG",
                  workers: int = 4):
         self.model = model
-        self.base_url = (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
-        self._api_key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+        self.base_url, self._api_key = _endpoint(base_url, api_key)
+        self._opener = urllib.request.build_opener(_NoRedirect)
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.image_format = image_format.upper()
@@ -112,6 +143,12 @@ class OpenAIBackend:
         with ThreadPoolExecutor(max_workers=min(self.workers, len(prompts))) as pool:
             return list(pool.map(lambda ip: self._complete(ip[1], seed + ip[0]), enumerate(prompts)))
 
+    def _redact(self, text: str) -> str:
+        """`text` with our key, and anything that looks like a key, replaced: servers echo headers."""
+        if self._api_key:
+            text = text.replace(self._api_key, _REDACTED)
+        return _SECRET_RE.sub(lambda m: (m.group(1) or "") + _REDACTED, text)
+
     def _count(self, key: str) -> None:
         with self._lock:
             self.stats[key] += 1
@@ -128,16 +165,21 @@ class OpenAIBackend:
             retry_after = None
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._opener.open(req, timeout=self.timeout) as resp:
                     return _content(resp.read())
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    where = self._redact(str(e.headers.get("Location", "?")))
+                    raise RuntimeError(f"judge endpoint {url} answered HTTP {e.code}, a redirect to {where}; "
+                                       "redirects are not followed (the API key would go along): set the base "
+                                       f"URL (${ENV_BASE_URL}) to the final address") from None
                 if e.code != 429 and e.code < 500:
-                    detail = e.read()[:300].decode("utf-8", "replace")
+                    detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                     raise RuntimeError(f"judge endpoint {url} answered HTTP {e.code}: {detail}") from None
                 retry_after = _retry_after(e.headers.get("Retry-After"))
                 why = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                why = self._redact(f"{type(e).__name__}: {getattr(e, 'reason', e)}")
             if attempt == self.max_retries:
                 self._count("failed")
                 log.warning("judge request to %s failed after %d attempts (%s); judgement dropped",
@@ -171,7 +213,8 @@ def make_backend(kind: str, model: str, *, device: str | None = None, dtype: str
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 1024, batch: int = 4,
                  timeout: float = 120.0, max_retries: int = 5, workers: int = 4):
     """A judge backend by name: "local" (transformers VLM hub id / folder in `model`) or "http"
-    (OpenAI-compatible endpoint serving `model`; URL and key from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY)."""
+    (OpenAI-compatible endpoint serving `model`; URL and key from $PPD_JUDGE_BASE_URL / $PPD_JUDGE_API_KEY,
+    else $OPENAI_BASE_URL / $OPENAI_API_KEY)."""
     if kind == "http":
         return OpenAIBackend(model, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                              timeout=timeout, max_retries=max_retries, workers=workers)

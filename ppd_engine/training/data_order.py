@@ -18,8 +18,9 @@ _PERM, _PAIR, _NOISE = 1, 2, 3  # stream ids keep the seed families apart
 
 
 def mix_seed(*words: int) -> int:
-    """A 63-bit seed from integers (numpy's SeedSequence hashing: nearby inputs give unrelated seeds)."""
-    state = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(1, np.uint64)
+    """A 63-bit seed from non-negative integers (numpy's SeedSequence hashing: nearby inputs give
+    unrelated seeds). Words are hashed whole: seeds 0 and 2^32 draw differently."""
+    state = np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)
     return int(state[0]) & ((1 << 63) - 1)
 
 

@@ -15,8 +15,11 @@ docs/DISTRIBUTED.md has the measurement that picks the default.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +46,101 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+EXIT_PEER_LOST = 4  # the exit status of a rank ended by the heartbeat watchdog
+
+
+class Heartbeat:
+    """Each rank bumps a counter in the process group's store every `timeout_s / 6` seconds and
+    watches its peers' counters; when a peer's counter has not moved for `timeout_s` (a stopped or
+    hung process — a dead one also breaks the collectives themselves), this rank prints one line
+    naming it and exits with EXIT_PEER_LOST instead of waiting out the collective timeout.
+
+    Counters, not clocks: each rank measures silence on its own monotonic clock, so clock skew
+    between hosts does not matter. The store ops run in one thread and the check in another, so a
+    store that stops answering (its host stopped) is caught as well. `stop()` marks this rank done:
+    peers stop watching a rank that finished (e.g. while rank 0 evaluates alone)."""
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
+        import threading
+
+        self.store, self.rank, self.timeout_s = store, rank, timeout_s
+        self.peers = [r for r in range(world_size) if r != rank]
+        now = time.monotonic()
+        self._seen = {r: (-1, now) for r in self.peers}
+        self._round_done = now
+        self._done: set[int] = set()
+        self._stop = threading.Event()
+        self._interval = max(0.2, timeout_s / 6)
+        for target in (self._beat, self._watch):
+            threading.Thread(target=target, name=f"ppd-heartbeat-{target.__name__}", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.add(f"ppd_heartbeat/{self.rank}", 1)
+                now = time.monotonic()
+                for r in self.peers:
+                    if r in self._done:
+                        continue
+                    if self.store.check([f"ppd_heartbeat_done/{r}"]):
+                        self._done.add(r)
+                        continue
+                    count = self.store.add(f"ppd_heartbeat/{r}", 0)
+                    if count != self._seen[r][0]:
+                        self._seen[r] = (count, now)
+                self._round_done = time.monotonic()
+            except Exception:  # noqa: BLE001  the store's host is gone: the collectives fail by themselves
+                self._stop.set()
+                return
+            self._stop.wait(self._interval)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval / 2):
+            now = time.monotonic()
+            if now - self._round_done > self.timeout_s:
+                self._lost(f"the process group's store (MASTER_ADDR) has not answered a heartbeat for "
+                           f"{now - self._round_done:.0f} s")
+            for r, (_, seen) in self._seen.items():
+                if r not in self._done and now - seen > self.timeout_s:
+                    self._lost(f"rank {r} has sent no heartbeat for {now - seen:.0f} s (stopped or hung)")
+
+    def _lost(self, why: str) -> None:
+        if self._stop.is_set():
+            return
+        print(f"error: {why}; ending rank {self.rank} now rather than at the collective timeout "
+              "(dist.heartbeat_s / dist.timeout_s); continue with --resume RUN", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_LOST)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with contextlib.suppress(Exception):  # the store's host is gone: nobody left to tell
+            self.store.set(f"ppd_heartbeat_done/{self.rank}", "1")
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def shutdown_distributed(env: DistEnv) -> None:
+    """Stop this rank's heartbeat (peers stop watching it) and leave a process group joined here."""
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
+    if env.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600,
+                     heartbeat_s: float = 60.0) -> DistEnv:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, NCCL on GPU).
 
     `device`: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" or "cuda:N".
-    A process group that already exists (e.g. a test harness made it) is reused.
+    A process group that already exists (e.g. a test harness made it) is reused. A group created
+    here gets a Heartbeat watchdog of `heartbeat_s` seconds (0 = none).
     """
+    global _heartbeat
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -70,12 +162,29 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         created = True
+        if heartbeat_s > 0:
+            _heartbeat = Heartbeat(dist.distributed_c10d._get_default_store(), rank, world, heartbeat_s)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev, initialized_here=created)
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def wait_for_main(env: DistEnv, name: str) -> None:
+    """A barrier for rank 0's long solo work (e.g. building the latent cache: hours), which the
+    collective timeout (minutes) must not cut short. The other ranks wait on a store key with no
+    deadline; the heartbeat still ends them if rank 0 stops answering."""
+    if not env.distributed:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    key = f"ppd_main_done/{name}"
+    if env.is_main:
+        store.set(key, "1")
+    else:
+        store.wait([key], datetime.timedelta(days=7))
+    dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -9,9 +9,11 @@ import json
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ppd_engine.config import OptimConfig
+from ppd_engine.integrity import CorruptFileError
 
 # Optimizers whose update of an element depends only on that element's own state: they give the
 # same result stepping each rank's local shard (needed for bitsandbytes, which rejects DTensors).
@@ -124,11 +126,18 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str) -> No
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path_stem: str) -> None:
-    """Inverse of `save_optimizer_state` (safetensors + JSON only)."""
-    tensors = load_file(path_stem + ".safetensors")
-    with open(path_stem + ".json", encoding="utf-8") as fh:
-        tree = json.load(fh)
-    state = _join(tree, tensors)
+    """Inverse of `save_optimizer_state` (safetensors + JSON only); CorruptFileError naming the file
+    that cannot be read."""
+    try:
+        tensors = load_file(path_stem + ".safetensors")
+    except SafetensorError as exc:
+        raise CorruptFileError(f"{path_stem}.safetensors: not a readable optimizer state file ({exc})") from None
+    try:
+        with open(path_stem + ".json", encoding="utf-8") as fh:
+            tree = json.load(fh)
+        state = _join(tree, tensors)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{path_stem}.json: not a readable optimizer state file ({exc})") from None
     # JSON keys of optimizer.state are param indices (ints).
     state["state"] = {int(k): v for k, v in state["state"].items()}
     optimizer.load_state_dict(state)

@@ -9,7 +9,7 @@ import torch
 
 from ppd_engine.config import load_config
 from ppd_engine.models import build_model
-from ppd_engine.training.checkpoint import resolve_checkpoint
+from ppd_engine.training.checkpoint import resolve_checkpoint, verify_checkpoint
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "latest", model=None, device: str | torch.device = "cpu"):
@@ -27,6 +27,7 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "latest", model=None,
     # runnable=False: a finished run is read, not run (e.g. its tracker need not be installed here).
     cfg = load_config(cfg_path, runnable=False)
     found = resolve_checkpoint(run_dir, checkpoint)
+    verify_checkpoint(found)  # a corrupt checkpoint is refused naming the file, never sampled from
     if model is None:
         model = build_model(cfg, device)
     load_user_adapters(model.unet, found / "adapters.safetensors")

@@ -19,14 +19,17 @@ import torch
 from torch import nn
 
 from ppd_engine.config import Config, config_to_dict, save_config
+from ppd_engine.integrity import CorruptFileError
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
     scale_grads_, shard_adapters)
+from ppd_engine.training.finite import StepSnapshot, all_finite
 from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
+from ppd_engine.training.run_folder import continues_run, take_run_folder
 from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
 from ppd_engine.losses import official_beta
 
@@ -43,7 +46,8 @@ class EpochAware(Protocol):
 
 
 class BadStepsError(RuntimeError):
-    """More than train.max_bad_steps consecutive steps had a NaN/Inf loss or gradient."""
+    """More than train.max_bad_steps consecutive steps had a NaN/Inf loss, gradient or update, or no
+    step of the run made a finite update."""
 
 
 @dataclass
@@ -94,7 +98,7 @@ class Trainer:
         # The caller (the CLI, a world) joins the process group once; a library caller may let the
         # trainer do it from train.device / dist.*.
         self.env = env if env is not None else init_distributed(cfg.train.device, cfg.dist.backend,
-                                                                cfg.dist.timeout_s)
+                                                                cfg.dist.timeout_s, cfg.dist.heartbeat_s)
         self._check_inputs()
         self._plan_data()
         self._add_adapters()
@@ -205,6 +209,11 @@ class Trainer:
         rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
         if rng.is_file():
             ckpt.restore_rng_state(rng)
+        elif env.rank < state["world_size"]:
+            raise CorruptFileError(f"{rng} is missing: rank {env.rank} cannot resume its random state")
+        else:
+            logger.warning("rank %d: %s saved %d rank(s); this rank starts from fresh RNG state (the data "
+                           "draws do not depend on it)", env.rank, self.resume_from, state["world_size"])
 
     def _prepare_conditioning(self) -> None:
         """The empty caption's conditioning (caption dropout) and the autocast dtype."""
@@ -220,7 +229,10 @@ class Trainer:
         env, t, o = self.env, self.cfg.train, self.cfg.optim
         if not env.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        moved = take_run_folder(self.run_dir, resuming=continues_run(self.cfg.checkpoint.resume, self.run_dir),
+                                overwrite=self.cfg.log.overwrite)
+        if moved is not None:
+            logger.warning("log.overwrite=true: the run that was in %s is now in %s", self.run_dir, moved)
         save_config(self.cfg, self.run_dir / "config.yaml")
         if self.resume_from is None:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -288,18 +300,19 @@ class Trainer:
                            device=env.device)
         bad = bool(all_reduce_sum(bad, env).item() > 0)
         lr = lr_at(self.updates, cfg.optim, self.total_steps)
+        if not bad:
+            if t.grad_clip > 0 and grad_norm.item() > t.grad_clip:
+                scale_grads_(self.params, t.grad_clip / (grad_norm.item() + 1e-6))
+            set_lr(self.optimizer, lr)
+            if self.views is not None:
+                self.views.attach_grads()
+            bad = not self._finite_step()
         if bad:
             # Nothing is applied: parameters and optimizer state stay those of the last good step.
             self.bad_total += 1
             self.bad_run += 1
         else:
             self.bad_run = 0
-            if t.grad_clip > 0 and grad_norm.item() > t.grad_clip:
-                scale_grads_(self.params, t.grad_clip / (grad_norm.item() + 1e-6))
-            set_lr(self.optimizer, lr)
-            if self.views is not None:
-                self.views.attach_grads()
-            self.optimizer.step()
             self.updates += 1
         self._zero_grads()
         self.step += 1
@@ -312,6 +325,17 @@ class Trainer:
             "lr": lr, "pairs_per_s": t.pairs_per_step / max(elapsed, 1e-9),
             "peak_mem_mb": peak_memory_mb(env.device), "skipped": int(bad), "bad_steps_total": self.bad_total,
         }
+
+    def _finite_step(self) -> bool:
+        """optimizer.step(), undone on every rank when any rank's parameters or optimizer state
+        came out NaN/Inf (training/finite.py). True when the update was kept."""
+        snapshot = StepSnapshot(self.optimizer)
+        self.optimizer.step()
+        broken = (~all_finite(self.optimizer)).to(self.env.device, torch.float64).reshape(1)
+        if all_reduce_sum(broken, self.env).item() == 0:
+            return True
+        snapshot.restore()
+        return False
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -337,8 +361,10 @@ class Trainer:
         if self.sharded or env.is_main:
             save_optimizer_state(self.optimizer, str(tmp / f"optimizer-rank{env.rank}"))
         ckpt.save_rng_state(tmp / f"rng-rank{env.rank}.safetensors")
+        barrier(env)  # every rank's files are in: rank 0 hashes them all into state.json
         if env.is_main:
-            ckpt.write_json(tmp / "state.json", {
+            save_config(self.cfg, tmp / "config.yaml")
+            ckpt.write_state(tmp, {
                 "step": self.step, "updates": self.updates, "bad_steps_total": self.bad_total,
                 "consecutive_bad": self.bad_run, "world_size": env.world_size, "sharded": self.sharded,
                 "optimizer": self.cfg.optim.name, "data_items": len(self.dataset),
@@ -346,7 +372,6 @@ class Trainer:
                 # Lets eval tell the non-personalized baseline from a PPD run without being told.
                 "personalized": self.personalized,
             })
-            save_config(self.cfg, tmp / "config.yaml")
         barrier(env)
         if env.is_main:
             ckpt.publish_checkpoint(tmp, final, self.cfg.checkpoint.keep_last)
@@ -392,8 +417,9 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train until train.max_steps (or the epochs) are done; checkpoint every checkpoint.every
-        steps and at the end. Raises BadStepsError (after checkpointing the last good state) when
-        more than train.max_bad_steps consecutive steps are non-finite."""
+        steps and at the end. Raises BadStepsError (after checkpointing the last finite state) when
+        more than train.max_bad_steps consecutive steps are non-finite, and (saving nothing) when
+        no step at all made a finite update."""
         cfg, env = self.cfg, self.env
         metrics = MetricsLogger(self.run_dir, self.total_steps, self.step, env.is_main, cfg.log.report_to,
                                 cfg.log.progress, hparams=config_to_dict(cfg), project=cfg.log.project)
@@ -404,23 +430,29 @@ class Trainer:
                 row = self.train_step()
                 metrics.log(row)
                 if row["skipped"]:
-                    logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); step skipped "
+                    logger.warning("step %d: non-finite loss (%s), gradient norm (%s) or update; step skipped "
                                    "(%d in a row, %d total)", self.step, row["loss"], row["grad_norm"],
                                    self.bad_run, self.bad_total)
                 if self.bad_run > cfg.train.max_bad_steps:
-                    # Parameters and optimizer state are those of the last good step; resuming from
-                    # this checkpoint gets a fresh budget of bad steps.
+                    # Parameters and optimizer state are those of the last good step (a non-finite
+                    # update was rolled back); resuming from this checkpoint gets a fresh budget.
                     self.bad_run = 0
                     path = self.save_checkpoint()
                     raise BadStepsError(
-                        f"{cfg.train.max_bad_steps + 1} consecutive steps had a NaN/Inf loss or gradient "
-                        f"(last at step {self.step}); stopped. The last good state is in {path}. Lower "
-                        f"optim.lr, check the data, or raise train.max_bad_steps.")
+                        f"{cfg.train.max_bad_steps + 1} consecutive steps had a NaN/Inf loss or gradient, or a "
+                        f"non-finite update (last at step {self.step}); stopped. The last finite state is in {path}. "
+                        f"Lower optim.lr, check the data, or raise train.max_bad_steps.")
                 if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
                     self.write_samples(metrics)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+            if self.updates == 0 and self.step > 0:
+                # Nothing was learnt: a checkpoint of the untouched adapters would pass for a result.
+                raise BadStepsError(
+                    f"no step of this run made a finite update ({self.bad_total} of {self.step} skipped); "
+                    f"nothing was trained. Last finite checkpoint: {self.last_checkpoint or 'none'}. "
+                    "Check the data and user embeddings for NaN/Inf, and optim.lr.")
             if saved_at != self.step:
                 self.save_checkpoint()
         finally:

@@ -31,7 +31,7 @@ class PickapicWorld(World):
         from ppd_engine.data.pickapic import load_pairs
         from ppd_engine.embed.store import EmbeddingStore
         from ppd_engine.models import build_model
-        from ppd_engine.training.distributed import barrier
+        from ppd_engine.training.distributed import wait_for_main
 
         d = cfg.data
         pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
@@ -60,7 +60,7 @@ class PickapicWorld(World):
         if env.is_main:
             build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
                         dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=True)
-        barrier(env)
+        wait_for_main(env, "cache")  # the build may take longer than a collective may wait
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
         # The cache holds everything the step needs: free the VAE (text encoders stay for the empty caption).
         model.vae = None

@@ -129,6 +129,7 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     writes the stores, samples, evaluates and reports; the other ranks return None."""
     from ppd_engine.training import Trainer
     from ppd_engine.training.distributed import DistEnv
+    from ppd_engine.training.run_folder import claim_run_folder, continues_run
 
     env = env or DistEnv()
     tc = cfg.toy
@@ -147,7 +148,8 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     users_meta = {n: {"split": d.split, "weights": dict(d.user.weights)} for n, d in world.items()}
     interp_pairs = parse_pairs(list(tc.interpolation_pairs), list(world))
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # Before the first write: the stores must not land in another run's folder either.
+        claim_run_folder(run_dir, resuming=continues_run(cfg.checkpoint.resume, run_dir), overwrite=cfg.log.overwrite)
         _save_store(run_dir / EMBEDDINGS_FILE, eval_embeds, {
             n: {"split": d.split, "source": f"{tc.n_shots} held-out labelled pairs (toy few-shot encoder)",
                 "features": list(FEATURE_NAMES), "shot_captions": d.shots.captions} for n, d in world.items()})
