@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from ppd_engine.cli.common import UsageError, add_debug, cli_errors
 from ppd_engine.config import ConfigError, config_help, config_to_yaml, flag_hint, load_config, presets, save_config
 from ppd_engine.config.loader import import_modules
+from ppd_engine.training.precision import accelerate_overrides
 
 log = logging.getLogger("ppd_engine.train")
 
@@ -84,6 +86,8 @@ def _parse(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace, runnable: bool = True):
     """The run's config from --config / --resume / --import and the overrides (ConfigError on bad input)."""
     overrides = list(args.overrides)
+    # `accelerate launch --mixed_precision fp16 -m ppd_engine.train` speaks through the environment.
+    overrides = [*accelerate_overrides(os.environ, overrides), *overrides]
     if args.imports:
         import_modules(args.imports)
         overrides = [f"imports=[{', '.join(args.imports)}]", *overrides]

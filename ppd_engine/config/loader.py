@@ -258,6 +258,7 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(t.micro_batch >= 1, "train.micro_batch", f"{t.micro_batch} must be >= 1")
     need(t.epochs >= 1, "train.epochs", f"{t.epochs} must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", f"{t.max_steps} must be >= 0 (0 = from epochs)")
+    need(t.loss_scale_init > 0, "train.loss_scale_init", f"{t.loss_scale_init} must be > 0")
     need(t.grad_clip >= 0, "train.grad_clip", f"{t.grad_clip} must be >= 0 (0 = off)")
     need(t.max_bad_steps >= 0, "train.max_bad_steps", f"{t.max_bad_steps} must be >= 0")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device",
@@ -278,8 +279,8 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.loss.beta > 0, "loss.beta", f"{cfg.loss.beta} must be > 0")
     need(cfg.loss.snr_gamma > 0, "loss.snr_gamma", f"{cfg.loss.snr_gamma} must be > 0")
     _validate_loss(cfg)
-    need(cfg.model.dtype == "fp32" or t.mixed_precision == "bf16", "model.dtype",
-         f"{cfg.model.dtype} base weights need train.mixed_precision=bf16 (got {t.mixed_precision})")
+    need(cfg.model.dtype == "fp32" or t.mixed_precision in ("bf16", "fp16"), "model.dtype",
+         f"{cfg.model.dtype} base weights need train.mixed_precision=bf16 or fp16 (got {t.mixed_precision})")
     need(cfg.model.resolution >= 0 and cfg.model.resolution % 8 == 0, "model.resolution",
          f"{cfg.model.resolution} must be 0 or a positive multiple of 8")
     need(cfg.adapters.num_tokens >= 1, "adapters.num_tokens", f"{cfg.adapters.num_tokens} must be >= 1")

@@ -134,8 +134,14 @@ class TrainConfig:
                                   "zero user embedding (recorded in each checkpoint's state.json; eval reads it)")
     user_dropout: float = _f(0.1, "probability a pair's user embedding is zeroed (trains the user-agnostic branch)")
     grad_clip: float = _f(1.0, "max global gradient L2 norm; 0 = no clipping")
-    mixed_precision: Literal["bf16", "fp32"] = _f(
-        "bf16", "bf16 = bf16 autocast compute with fp32 adapters, loss and reductions; fp32 = no autocast")
+    mixed_precision: Literal["no", "bf16", "fp16", "fp32"] = _f(
+        "bf16", "compute precision; adapters, loss and reductions stay fp32 in every mode: bf16 = bf16 autocast | "
+        "fp16 = fp16 autocast with dynamic loss scaling (GPUs without bf16: V100, T4, RTX 20xx) | no = fp32 "
+        "(fp32 is the older spelling of no); accelerate launch --mixed_precision sets it")
+    loss_scale_init: float = _f(65536.0, "fp16: the first dynamic loss scale (torch GradScaler's init_scale); it "
+                                         "halves on every overflowing step and doubles after 2000 good ones")
+    allow_tf32: bool = _f(False, "TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster fp32 matmuls, "
+                                 "~10-bit mantissa inputs)")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     paired_strategy: Literal["sequential", "stacked"] = _f(
         "sequential", "paired forward: sequential (reference then policy) | stacked (one 4B batch)")

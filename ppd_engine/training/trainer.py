@@ -26,6 +26,7 @@ from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
     scale_grads_, shard_adapters)
 from ppd_engine.training.finite import StepSnapshot, all_finite
+from ppd_engine.training.precision import LossScaler, autocast_dtype, set_tf32
 from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
@@ -35,7 +36,6 @@ from ppd_engine.losses import official_beta
 
 logger = logging.getLogger(__name__)
 
-_AUTOCAST = {"bf16": torch.bfloat16, "fp32": None}
 
 
 @runtime_checkable
@@ -184,6 +184,8 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         o = self.cfg.optim
+        t = self.cfg.train
+        self.scaler = LossScaler(enabled=t.mixed_precision == "fp16", init_scale=t.loss_scale_init)
         self.views = None
         if self.sharded:
             if o.name not in ELEMENTWISE:
@@ -204,6 +206,7 @@ class Trainer:
         env = self.env
         self.step, self.updates = state["step"], state["updates"]
         self.bad_total, self.bad_run = state["bad_steps_total"], state["consecutive_bad"]
+        self.scaler.load_state_dict(state.get("loss_scaler"))
         rank_file = env.rank if self.sharded else 0
         load_optimizer_state(self.optimizer, str(self.resume_from / f"optimizer-rank{rank_file}"))
         rng = self.resume_from / f"rng-rank{env.rank}.safetensors"
@@ -221,7 +224,9 @@ class Trainer:
         device = self.env.device
         self.empty_text = enc.states.detach().to(device, torch.float32)
         self.empty_pooled = None if enc.pooled is None else enc.pooled.detach().to(device, torch.float32)
-        self.autocast = _AUTOCAST[self.cfg.train.mixed_precision]
+        t = self.cfg.train
+        self.autocast = autocast_dtype(t.mixed_precision)
+        set_tf32(t.allow_tf32)
         self.last_checkpoint: str | None = str(self.resume_from) if self.resume_from else None
 
     def _prepare_run_folder(self) -> None:
@@ -286,7 +291,7 @@ class Trainer:
                 weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
                 loss_options=cfg.loss.options, loss_weights=cfg.loss.weights or None, strategy=t.paired_strategy,
                 autocast_dtype=self.autocast)
-            (loss / self.accum).backward()
+            (loss * (self.scaler.scale / self.accum)).backward()
             stat_names = [f.name for f in dataclasses.fields(st)]
             row = torch.stack([getattr(st, n).detach().reshape(()).double() for n in stat_names])
             sums = row if sums is None else sums + row
@@ -295,10 +300,15 @@ class Trainer:
         # Means over every pair of the step (each rank holds the same number of micro-batches).
         means = all_reduce_sum(sums, env) / (self.accum * env.world_size)
         stats = dict(zip(stat_names, means.tolist()))
+        if self.scaler.enabled:
+            scale_grads_(self.params, 1.0 / self.scaler.scale)
         grad_norm = global_grad_norm(self.params, env, self.sharded)
         bad = torch.tensor([0.0 if (math.isfinite(stats["loss"]) and math.isfinite(grad_norm.item())) else 1.0],
                            device=env.device)
         bad = bool(all_reduce_sum(bad, env).item() > 0)
+        # fp16: a finite loss with overflowing gradients is the loss scale's doing, not the run's; the
+        # step is skipped, the scale halved, and it does not count towards train.max_bad_steps.
+        overflow = self.scaler.enabled and bad and math.isfinite(stats["loss"])
         lr = lr_at(self.updates, cfg.optim, self.total_steps)
         if not bad:
             if t.grad_clip > 0 and grad_norm.item() > t.grad_clip:
@@ -307,7 +317,10 @@ class Trainer:
             if self.views is not None:
                 self.views.attach_grads()
             bad = not self._finite_step()
-        if bad:
+        self.scaler.update(overflow)
+        if overflow:
+            pass  # nothing applied; the next step runs at half the scale
+        elif bad:
             # Nothing is applied: parameters and optimizer state stay those of the last good step.
             self.bad_total += 1
             self.bad_run += 1
@@ -324,6 +337,7 @@ class Trainer:
             **stats, "grad_norm": grad_norm.item(),
             "lr": lr, "pairs_per_s": t.pairs_per_step / max(elapsed, 1e-9),
             "peak_mem_mb": peak_memory_mb(env.device), "skipped": int(bad), "bad_steps_total": self.bad_total,
+            **({"loss_scale": self.scaler.scale, "overflow": int(overflow)} if self.scaler.enabled else {}),
         }
 
     def _finite_step(self) -> bool:
@@ -371,6 +385,7 @@ class Trainer:
                 "pairs_per_step": self.cfg.train.pairs_per_step, "cursor": self.order.cursor(self.step),
                 # Lets eval tell the non-personalized baseline from a PPD run without being told.
                 "personalized": self.personalized,
+                "loss_scaler": self.scaler.state_dict(),
             })
         barrier(env)
         if env.is_main:
@@ -429,7 +444,10 @@ class Trainer:
             while self.step < self.total_steps:
                 row = self.train_step()
                 metrics.log(row)
-                if row["skipped"]:
+                if row.get("overflow"):
+                    logger.info("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", self.step,
+                                self.scaler.scale)
+                elif row["skipped"]:
                     logger.warning("step %d: non-finite loss (%s), gradient norm (%s) or update; step skipped "
                                    "(%d in a row, %d total)", self.step, row["loss"], row["grad_norm"],
                                    self.bad_run, self.bad_total)
