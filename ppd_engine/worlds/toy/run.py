@@ -155,7 +155,7 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     tc = cfg.toy
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if not cfg.log.run_dir:
         raise ValueError("run_toy needs cfg.log.run_dir (the CLI names one)")
     run_dir = Path(cfg.log.run_dir)
@@ -227,7 +227,9 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     t_eval = time.perf_counter() - t3
     timing = {"setup_s": round(t_setup, 1), "ppd_train_s": round(t_ppd, 1), "dpo_train_s": round(t_dpo, 1),
               "oracle_train_s": round(t_oracle, 1), "eval_s": round(t_eval, 1),
-              "total_s": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+              "total_s": round(time.perf_counter() - t0, 1),
+              # CPU seconds of this process: with one thread, the wall time the run takes on an idle core.
+              "cpu_s": round(time.process_time() - cpu0, 1), "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(),
               # The machine may be shared: 1-minute load averages at the start and the end of the run.
               "load_avg_start": round(load0, 2), "load_avg_end": round(os.getloadavg()[0], 2)}
@@ -242,7 +244,7 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     png = render_report_png(run_dir, report, per_cell=tc.report_samples)
     md = write_figures(run_dir, report)
     lines = ["", format_table(report),
-             f"time: {timing['total_s'] / 60:.1f} min (PPD {timing['ppd_train_s']:.0f} s, DPO "
+             f"time: {timing['total_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU (PPD {timing['ppd_train_s']:.0f} s, DPO "
              f"{timing['dpo_train_s']:.0f} s, oracle PPD {timing['oracle_train_s']:.0f} s, eval "
              f"{timing['eval_s']:.0f} s; load average {timing['load_avg_start']:.1f} -> {timing['load_avg_end']:.1f} "
              f"on {timing['cpus']} CPUs)",
