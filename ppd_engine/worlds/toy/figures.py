@@ -24,7 +24,7 @@ from ppd_engine.worlds.toy.report import GOALS
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 MODEL_COLOURS = {"base": (127, 127, 127), "dpo": (255, 127, 14), "ppd": (31, 119, 180),
                  "ppd_guided": (148, 103, 189), "ppd_oracle": (44, 160, 44)}
-GREY, BLACK = (200, 200, 200), (0, 0, 0)
+GREY, BLACK, GOAL = (200, 200, 200), (0, 0, 0), (230, 0, 230)
 
 
 class Panel:
@@ -120,11 +120,11 @@ def win_rate_figure(report: dict, path: Path) -> Path:
             if t is not None:
                 _, ty = p.px(0, t)
                 x = gx + 16 * j
-                d.line([(x - 2, ty), (x + 13, ty)], fill=(200, 0, 0), width=2)
+                d.line([(x - 2, ty), (x + 13, ty)], fill=GOAL, width=3)
         label = f"{name} ({split[0]})"
         d.text((gx - 4, p.y1 + 4 + 12 * (i % 2)), label, fill=BLACK)
     _legend(d, 70, h - legend_h, [(k.replace("_vs_", " beats "), PALETTE[j % len(PALETTE)]) for j, k in enumerate(keys)]
-            + [("goal (red tick); shaded = unseen users", (200, 0, 0))])
+            + [("goal of the split average (tick); shaded = unseen users", GOAL)])
     return _save(canvas, path)
 
 
