@@ -56,7 +56,7 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     assert report["summary"]["budget"]["steps"] == report["summary"]["budget"]["dpo_steps"] == 3
     # The figures and the page that links them.
     md = (run / "report.md").read_text()
-    for fig in ("win_rates", "rewards", "interpolation", "training"):
+    for fig in ("win_rates", "interpolation_warm_bright__cool_dark", "training", *(f"rewards/{u}" for u in users)):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 0 and f"figures/{fig}.png" in md
     # The report is exactly what the PNGs say, intervals included.
     meta = {n: {"split": u["split"], "weights": u["weights"]} for n, u in users.items()}
