@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppd_engine.worlds.toy.report import MODELS, compute_report, load_folder, spearman, win_rate
+import numpy as np
+
+from ppd_engine.worlds.toy.report import (
+    bootstrap_indices, compute_report, goal_status, interval, load_folder, outcomes, spearman, win_rate)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,28 +33,57 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     run = smoke_run
     report = json.loads((run / "report.json").read_text())
     users = report["users"]
+    models = report["models"]
+    assert models == ["base", "dpo", "ppd", "ppd_guided", "ppd_oracle"]
+    assert report["config"] == {"encoder": "generic", "user_guidance": 0.0, "guided_column": 1.0,
+                                "eval_samples_per_user": 4}
     assert list(users) == ["warm_bright", "cool_dark", "vivid", "sunset"]
     assert users["sunset"]["split"] == "unseen" and users["vivid"]["split"] == "seen"
     for name in users:
-        for m in MODELS:
+        for m in models:
             assert len(list((run / "eval" / m / name).glob("*.png"))) == 4
     assert (run / "report.png").stat().st_size > 0
     assert (run / "checkpoints").is_dir() and (run / "dpo" / "checkpoints").is_dir()
+    assert (run / "oracle" / "metrics.jsonl").is_file()
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
     for key in ("seen", "unseen", "all", "goals", "all_goals_met"):
         assert key in report["summary"]
+    for g in report["summary"]["goals"]:
+        assert g["status"] in ("MET", "not significant", "MISSED") and g["ci95"][0] <= g["ci95"][1]
+    assert set(report["identification"]) == {"generic", "oracle"}
     interp = report["interpolation"]["warm_bright:cool_dark"]
     assert interp["lambdas"] == [0.0, 0.5, 1.0] and len(interp["mean_reward_first"]) == 3
     assert report["summary"]["budget"]["steps"] == report["summary"]["budget"]["dpo_steps"] == 3
-    # The report is exactly what the PNGs say.
+    # The figures and the page that links them.
+    md = (run / "report.md").read_text()
+    for fig in ("win_rates", "interpolation_warm_bright__cool_dark", "training", *(f"rewards/{u}" for u in users)):
+        assert (run / "figures" / f"{fig}.png").stat().st_size > 0 and f"figures/{fig}.png" in md
+    # The report is exactly what the PNGs say, intervals included.
     meta = {n: {"split": u["split"], "weights": u["weights"]} for n, u in users.items()}
-    again = compute_report(run, meta, [("warm_bright", "cool_dark")], [0.0, 0.5, 1.0])
+    again = compute_report(run, meta, [("warm_bright", "cool_dark")], [0.0, 0.5, 1.0], models=models, resamples=200)
     for n in users:
-        for k in ("ppd_vs_base", "ppd_vs_dpo", "dpo_vs_base"):
-            assert again["users"][n][k] == pytest.approx(users[n][k])
+        assert again["users"][n]["win"] == users[n]["win"]
+    assert again["summary"]["seen"] == report["summary"]["seen"]
+    # A split's interval resamples the shared indices once for all its users (their outcomes are
+    # correlated through the shared prompts and seeds), from the per-sample rewards in the JSON.
+    seen = [n for n in users if users[n]["split"] == "seen"]
+    o = np.stack([outcomes(torch.tensor(users[n]["rewards"]["ppd"]), torch.tensor(users[n]["rewards"]["base"]))
+                  for n in seen])
+    idx = bootstrap_indices(4, 200, 0)
+    assert report["summary"]["seen"]["ppd_vs_base"]["ci95"] == pytest.approx(interval(o[:, idx].mean(axis=(0, 2))))
     # Same index = same prompt and seed: base and dpo samples are shared by all users.
     a = load_folder(run / "eval" / "base" / "warm_bright")
     assert torch.equal(a, load_folder(run / "eval" / "base" / "sunset"))
+
+
+def test_bootstrap_interval_matches_the_binomial_and_goals_need_the_lower_bound():
+    o = np.r_[np.ones(300), np.zeros(100)]  # a win rate of 0.75 over 400 samples
+    lo, hi = interval(o[bootstrap_indices(400, 4000, 1)].mean(1))
+    half = 1.96 * np.sqrt(0.75 * 0.25 / 400)  # normal approximation: +-0.042
+    assert lo == pytest.approx(0.75 - half, abs=0.006) and hi == pytest.approx(0.75 + half, abs=0.006)
+    assert goal_status(0.80, 0.76, 0.75) == "MET"
+    assert goal_status(0.80, 0.70, 0.75) == "not significant"
+    assert goal_status(0.74, 0.70, 0.75) == "MISSED"
 
 
 def test_win_rate_and_spearman():

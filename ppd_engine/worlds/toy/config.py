@@ -17,7 +17,7 @@ def _default_seen() -> list[str]:
 
 
 def _default_unseen() -> list[str]:
-    return ["sunset", "night"]
+    return ["sunset", "night", "pastel", "cool_vivid"]
 
 
 def _default_interp() -> list[str]:
@@ -47,18 +47,36 @@ class ToyConfig:
     label_scale: float = field(default=20.0, metadata={
         "help": "Bradley-Terry sharpness: P(a preferred) = sigmoid(label_scale * (r_a - r_b)); "
                 "lower = noisier labels"})
+    encoder: str = field(default="generic", metadata={
+        "help": "few-shot encoder of the headline PPD: 'generic' (a scene autoencoder's features, trained "
+                "without rewards or users) or 'oracle' (the very statistics the rewards are defined on)"})
+    features: str = field(default="", metadata={
+        "help": "generic encoder's feature extractor safetensors; empty = the shipped asset "
+                "ppd_engine/worlds/toy/assets/toy_features.safetensors"})
+    encoder_components: int = field(default=8, metadata={
+        "help": "principal axes of the generic features' pair differences the encoder keeps"})
+    oracle_column: bool = field(default=True, metadata={
+        "help": "also train and evaluate PPD with the oracle encoder (column ppd_oracle, an upper bound)"})
+    guided_column: float = field(default=1.0, metadata={
+        "help": "also sample the headline PPD with this user guidance (column ppd_guided); 0 = no column"})
     n_shots: int = field(default=4, metadata={
         "help": "labelled pairs per few-shot user embedding (the paper's N = 4)"})
     embeddings_per_user: int = field(default=16, metadata={
         "help": "K: few-shot embeddings per user, each from a different n_shots subset of its pairs"})
-    eval_samples_per_user: int = field(default=32, metadata={
-        "help": "samples per user per model (base, dpo, ppd) for win rates; same prompts and seeds across models"})
+    eval_samples_per_user: int = field(default=96, metadata={
+        "help": "samples per user per model (base, dpo, ppd, ...) for win rates; same prompts and seeds across "
+                "models and users"})
+    bootstrap: int = field(default=2000, metadata={
+        "help": "bootstrap resamples of the sample indices behind every 95% interval of the report"})
+    identify_draws: int = field(default=32, metadata={
+        "help": "fresh n_shots draws per user for the report's top-1 user retrieval"})
     sample_steps: int = field(default=12, metadata={
         "help": "DDIM steps when sampling for evaluation"})
     guidance: float = field(default=2.0, metadata={
         "help": "classifier-free guidance scale over the caption during evaluation"})
     user_guidance: float = field(default=0.0, metadata={
-        "help": "extra classifier-free guidance over the user embedding (0 = off)"})
+        "help": "extra classifier-free guidance over the user embedding for the headline PPD (0 = off; "
+                "toy.guided_column reports the guided model beside it)"})
     eval_batch: int = field(default=256, metadata={
         "help": "images sampled per batched call during evaluation"})
     interpolation_pairs: list[str] = field(default_factory=_default_interp, metadata={
@@ -83,11 +101,14 @@ class ToyConfig:
                 raise ConfigError(f"toy.{key}: {msg}")
 
         for key in ("image_size", "pairs_per_user", "n_shots", "embeddings_per_user", "eval_samples_per_user",
-                    "sample_steps", "eval_batch", "interpolation_samples", "report_samples"):
+                    "sample_steps", "eval_batch", "interpolation_samples", "report_samples", "bootstrap",
+                    "identify_draws", "encoder_components"):
             need(getattr(self, key) >= 1, key, f"{getattr(self, key)} must be >= 1")
         need(self.threads >= 0, "threads", f"{self.threads} must be >= 0 (0 = torch's default)")
         need(self.n_shots < self.pairs_per_user, "n_shots",
              f"{self.n_shots} shots need more than toy.pairs_per_user={self.pairs_per_user} pairs")
+        need(self.encoder in ("generic", "oracle"), "encoder", f"{self.encoder!r} must be 'generic' or 'oracle'")
+        need(self.guided_column >= 0, "guided_column", f"{self.guided_column} must be >= 0 (0 = no column)")
         need(self.label_scale > 0, "label_scale", f"{self.label_scale} must be > 0")
         need(self.guidance >= 0 and self.user_guidance >= 0, "guidance",
              f"guidance {self.guidance} and user_guidance {self.user_guidance} must be >= 0")

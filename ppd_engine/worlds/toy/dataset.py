@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ppd_engine.worlds.toy.config import ToyConfig
-from ppd_engine.worlds.toy.fewshot import FewShotEncoder
+from ppd_engine.worlds.toy.fewshot import PairDifferenceEncoder
 from ppd_engine.worlds.toy.scenes import SHAPES, make_scenes
 from ppd_engine.worlds.toy.users import User, bradley_terry_labels, get_user
 
@@ -83,7 +83,7 @@ def build_world(cfg: ToyConfig) -> dict[str, ToyUserData]:
     return world
 
 
-def few_shot_embeddings(world: dict[str, ToyUserData], encoder: FewShotEncoder, cfg: ToyConfig
+def few_shot_embeddings(world: dict[str, ToyUserData], encoder: PairDifferenceEncoder, cfg: ToyConfig
                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(training, evaluation) embeddings.
 

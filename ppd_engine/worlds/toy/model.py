@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
-from safetensors import safe_open
 
 from ppd_engine.files import save_safetensors_atomic
+from ppd_engine.worlds.toy.records import read_metadata
 from ppd_engine.worlds.toy.text import ToyTextEncoder
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
@@ -78,13 +78,7 @@ def load_toy_components(path: str | os.PathLike | None = None
                         ) -> tuple[UNet2DConditionModel, ToyTextEncoder, DDPMScheduler, dict]:
     """Read a file written by `save_toy_model` -> (unet, text encoder, scheduler, info)."""
     path = Path(path) if path else DEFAULT_ASSET
-    if not path.is_file():
-        raise FileNotFoundError(f"toy base model not found at {path} "
-                                "(create it with `python -m ppd_engine.worlds.toy.pretrain`)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a toy base model (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+    meta = read_metadata(path, FORMAT, "toy base model", "python -m ppd_engine.worlds.toy.pretrain")
     tensors = load_file(str(path))
     ucfg = {k: v for k, v in json.loads(meta["unet_config"]).items() if not k.startswith("_")}
     unet = UNet2DConditionModel(**ucfg)

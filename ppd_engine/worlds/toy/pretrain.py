@@ -1,7 +1,10 @@
 """Pretrain the toy base denoiser on the procedural scene distribution and write the asset.
 
-    python -m ppd_engine.worlds.toy.pretrain                      # the shipped asset (seeded)
+    python -m ppd_engine.worlds.toy.pretrain --overwrite --threads 1   # remake the shipped asset (seeded)
     python -m ppd_engine.worlds.toy.pretrain --steps 20 --out /tmp/base.safetensors
+
+An existing output file (the shipped asset included) is only replaced with --overwrite: a bare
+command must not silently swap the base every recorded number was measured on.
 
 Plain epsilon-prediction DDPM training on freshly rendered scenes every step (infinite data),
 captions dropped to "" 10% of the time so classifier-free guidance works, and an exponential
@@ -14,35 +17,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import math
 import os
-import platform
-import sys
-import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ppd_engine.files import write_json_atomic
 from ppd_engine.worlds.toy.model import DEFAULT_ASSET, build_components, save_toy_model
+from ppd_engine.worlds.toy.records import Clock, make_from_cli, refuse_overwrite, write_record
 from ppd_engine.worlds.toy.scenes import make_scenes
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 3000, batch: int = 32, lr: float = 2e-3,
+             seed: int = 0, image_size: int = 16, caption_dropout: float = 0.1, ema_decay: float = 0.999,
+             threads: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
+    """Train a fresh toy base for `steps` and save its EMA weights to `out`; returns the info dict.
 
-
-def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 700, batch: int = 32, lr: float = 2e-3,
-             seed: int = 0, image_size: int = 16, caption_dropout: float = 0.1, ema_decay: float = 0.995,
-             threads: int = 0, progress: bool = True) -> dict:
-    """Train a fresh toy base for `steps` and save its EMA weights to `out`; returns the info dict."""
+    Refuses (FileExistsError, before any training) to replace an existing `out` unless `overwrite`."""
+    refuse_overwrite(out, overwrite)
     if threads > 0:
         torch.set_num_threads(threads)
     unet, text, sched = build_components(image_size=image_size, seed=seed)
@@ -54,7 +46,7 @@ def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 700, batch: in
     lr_at = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
+    clock = Clock()
     losses: list[float] = []
     bar = tqdm(range(steps), desc="pretrain toy base", disable=not progress)
     for step in bar:
@@ -80,42 +72,33 @@ def pretrain(out: str | os.PathLike = DEFAULT_ASSET, steps: int = 700, batch: in
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
     info = {
-        "made_by": "python -m ppd_engine.worlds.toy.pretrain",
-        "argv": sys.argv[1:],
         "steps": steps, "batch": batch, "lr": lr, "seed": seed, "image_size": image_size,
         "caption_dropout": caption_dropout, "ema_decay": ema_decay,
         "final_loss_avg100": sum(losses[-100:]) / max(1, len(losses[-100:])),
-        "wall_s": round(time.time() - t0, 1),
-        "torch": torch.__version__, "python": platform.python_version(),
-        "params": sum(p.numel() for p in unet.parameters()),
+        **clock.info(), "params": sum(p.numel() for p in unet.parameters()),
     }
-    try:
-        import diffusers
-        info["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover - diffusers is a hard dependency
-        pass
+    import diffusers
+
+    info["diffusers"] = diffusers.__version__
     save_toy_model(out, ema, text, info)
-    info["sha256"] = sha256_of(out)
-    info["file"] = Path(out).name
-    write_json_atomic(Path(str(out) + ".json"), info, indent=2)
-    return info
+    return write_record(out, "python -m ppd_engine.worlds.toy.pretrain", info)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Pretrain the toy world's tiny base denoiser (seeded) and save it as safetensors.")
     p.add_argument("--out", default=str(DEFAULT_ASSET), help="output .safetensors (a .json record is written beside it)")
-    p.add_argument("--steps", type=int, default=700, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="scenes per step (fresh every step)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warmup, then cosine to 10%%)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, scenes, noise and timesteps")
     p.add_argument("--image-size", type=int, default=16, help="scene side in pixels")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by '' (for guidance)")
-    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (the shipped asset too)")
     a = p.parse_args(argv)
-    info = pretrain(a.out, a.steps, a.batch, a.lr, a.seed, a.image_size, a.caption_dropout, a.ema_decay, a.threads)
-    print(json.dumps(info, indent=2))
-    print(f"wrote {a.out}")
+    make_from_cli(p, lambda: pretrain(a.out, a.steps, a.batch, a.lr, a.seed, a.image_size, a.caption_dropout,
+                                      a.ema_decay, a.threads, overwrite=a.overwrite), a.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ _ALL = [
     # Meant as unseen users: their tastes mix axes the seen users cover, in new combinations.
     User("sunset", {"warmth": 1.0, "saturation": 1.0}, "warm and saturated"),
     User("night", {"darkness": 1.0, "contrast": 3.0}, "dark with contrast"),
+    User("pastel", {"brightness": 1.0, "saturation": -1.0}, "bright and greyish"),
+    User("cool_vivid", {"coolness": 1.0, "saturation": 1.0}, "cool and saturated"),
 ]
 
 USERS: dict[str, User] = {u.name: u for u in _ALL}
