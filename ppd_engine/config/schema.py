@@ -137,6 +137,14 @@ class TrainConfig:
     mixed_precision: Literal["bf16", "fp32"] = _f(
         "bf16", "bf16 = bf16 autocast compute with fp32 adapters, loss and reductions; fp32 = no autocast")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    reference: Literal["online", "cached"] = _f(
+        "cached", "reference ε-MSEs: cached (one inference pass before training, stored in reference_dir and "
+        "shared by runs with the same base, data, seed and schedule) | online (a reference forward every step); "
+        "cached falls back to online, with a log line, where it is not valid (stacked strategy, dspo)")
+    reference_dir: str = _f("", "folder of cached reference passes; empty = RUN/../reference (shared by a sweep)")
+    reference_batch: int = _f(
+        0, "pairs per forward of the reference pass; 0 = micro_batch (the online reference's shapes: bit-identical "
+        "MSEs on CPU); larger batches differ by fp32 rounding (halved on CUDA OOM)")
     paired_strategy: Literal["sequential", "stacked"] = _f(
         "sequential", "paired forward: sequential (reference then policy) | stacked (one 4B batch)")
     max_bad_steps: int = _f(10, "consecutive NaN/Inf steps tolerated before the run stops")
