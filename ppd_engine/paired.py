@@ -100,6 +100,25 @@ def _dropout_mask(model: nn.Module, handle, user_embeds, pairs: int, device) -> 
     return False
 
 
+def _prefill_text_kv(model: nn.Module, encoder_hidden_states: torch.Tensor) -> None:
+    """Project every cross-attention's text K/V into the shared cache before the policy call.
+
+    In paired_forward the reference call fills the cache; without it, the policy call's forward
+    would project K/V while a gradient-checkpointing re-run in backward finds the cache full and
+    skips the projections. Selective checkpointing replays saved matmul outputs in call order, so the
+    two op sequences must match. K/V of the frozen text projections are constants of the adapters'
+    gradient, so no_grad changes nothing else."""
+    handle = get_user_adapters(model)
+    inputs = handle.state.inputs()
+    with torch.no_grad():
+        for name, proc in handle.processors.items():
+            if proc.cache_text_kv:
+                attn = model.get_submodule(name)
+                states = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross \
+                    else encoder_hidden_states
+                proc._text_kv(attn, states, inputs)
+
+
 def policy_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, user_embeds: torch.Tensor | None,
                    added_cond_kwargs: dict | None = None, gate: float | torch.Tensor = 1.0,
@@ -115,6 +134,8 @@ def policy_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: tor
     drop = _dropout_mask(model, handle, user_embeds, pairs, noisy_latents.device)
     with _text_kv_context(model, encoder_hidden_states, pairs, share_text_kv):
         hook("policy", "start")
+        if handle.state.text_cache is not None:  # inside shared_text_kv
+            _prefill_text_kv(model, encoder_hidden_states)
         with user_conditioning(model, user_embeds, gate, drop=drop):
             policy = call_model(model, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs,
                                 **unet_kwargs)

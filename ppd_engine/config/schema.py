@@ -136,7 +136,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global gradient L2 norm; 0 = no clipping")
     mixed_precision: Literal["bf16", "fp32"] = _f(
         "bf16", "bf16 = bf16 autocast compute with fp32 adapters, loss and reductions; fp32 = no autocast")
-    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward, as train.checkpoint_policy says")
+    checkpoint_policy: Literal["full", "selective", "feedforward"] = _f(
+        "feedforward", "with gradient_checkpointing: feedforward (recompute only the transformer blocks' "
+        "feed-forwards: CPU bench 0.79x memory for 1.07x step time) | selective (keep conv/attention outputs, "
+        "recompute the rest: 0.56x, 1.45x) | full (recompute whole blocks: 0.40x, 1.46x); see bench/RESULTS.md")
     reference: Literal["online", "cached"] = _f(
         "cached", "reference ε-MSEs: cached (one inference pass before training, stored in reference_dir and "
         "shared by runs with the same base, data, seed and schedule) | online (a reference forward every step); "

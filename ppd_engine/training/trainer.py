@@ -22,6 +22,7 @@ from ppd_engine.config import Config, config_to_dict, save_config
 from ppd_engine.integrity import CorruptFileError
 from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training import reference
+from ppd_engine.training.activation_checkpointing import enable_checkpointing, unsave_frozen_conv_inputs
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
@@ -153,8 +154,9 @@ class Trainer:
                                           dtype=torch.float32)
         if self.env.is_main:
             warn_if_not_exportable(unet)
+        unsave_frozen_conv_inputs(unet)
         if t.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet, t.checkpoint_policy)
 
     def _read_resume_state(self) -> dict | None:
         """The checkpoint to resume from (checkpoint.resume) and its adapters; None for a fresh run."""
