@@ -149,6 +149,7 @@ class TrainConfig:
     reference_batch: int = _f(
         0, "pairs per forward of the reference pass; 0 = micro_batch (the online reference's shapes: bit-identical "
         "MSEs on CPU); larger batches differ by fp32 rounding (halved on CUDA OOM)")
+    compile: bool = _f(False, "torch.compile the denoiser in place (training steps and the reference pass)")
     paired_strategy: Literal["sequential", "stacked"] = _f(
         "sequential", "paired forward: sequential (reference then policy) | stacked (one 4B batch)")
     max_bad_steps: int = _f(10, "consecutive NaN/Inf steps tolerated before the run stops")

@@ -157,6 +157,8 @@ class Trainer:
         unsave_frozen_conv_inputs(unet)
         if t.gradient_checkpointing:
             enable_checkpointing(unet, t.checkpoint_policy)
+        if t.compile:
+            unet.compile()  # in place: the policy steps and the reference pass both call the compiled module
 
     def _read_resume_state(self) -> dict | None:
         """The checkpoint to resume from (checkpoint.resume) and its adapters; None for a fresh run."""
