@@ -139,8 +139,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward, as train.checkpoint_policy says")
     checkpoint_policy: Literal["full", "selective", "feedforward"] = _f(
         "feedforward", "with gradient_checkpointing: feedforward (recompute only the transformer blocks' "
-        "feed-forwards: CPU bench 0.79x memory for 1.07x step time) | selective (keep conv/attention outputs, "
-        "recompute the rest: 0.56x, 1.45x) | full (recompute whole blocks: 0.40x, 1.46x); see bench/RESULTS.md")
+        "feed-forwards; CPU bench vs none: 0.74x memory, 1.1x step time) | selective (keep conv/attention outputs, "
+        "recompute the rest: 0.55x, 1.4x) | full (recompute whole blocks: 0.39x, 1.5x); see bench/RESULTS.md")
     reference: Literal["online", "cached"] = _f(
         "cached", "reference ε-MSEs: cached (one inference pass before training, stored in reference_dir and "
         "shared by runs with the same base, data, seed and schedule) | online (a reference forward every step); "

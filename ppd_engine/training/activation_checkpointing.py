@@ -1,6 +1,13 @@
-"""Gradient (activation) checkpointing of the UNet's blocks: full or selective.
+"""Activation memory of the frozen UNet: gradient checkpointing (full, selective, feed-forward) and
+frozen convolutions that keep no input.
 
-    enable_checkpointing(unet, "selective")     # train.gradient_checkpointing + train.checkpoint_policy
+    enable_checkpointing(unet, "feedforward")   # train.gradient_checkpointing + train.checkpoint_policy
+    unsave_frozen_conv_inputs(unet)             # always, in the trainer
+
+feedforward (the default): only the transformer blocks' FeedForward modules (GEGLU projection, GELU,
+product, output linear) run under torch.utils.checkpoint. GEGLU's product keeps both of its large
+operands for backward (13.9 of 41.5 MB saved per step on the CPU bench), and its recompute is two
+linears and a GELU: the best memory per recompute time measured here.
 
 full: diffusers' default, torch.utils.checkpoint over each block: nothing inside a block is kept,
 backward re-runs the block's whole forward (one more forward of the frozen UNet per step).
@@ -12,7 +19,7 @@ block is re-run in backward; everything else — GroupNorm/LayerNorm, SiLU/GELU,
 scales, and the linear projections — is recomputed.
 
 Why not keep the matmul outputs too (the textbook policy): measured on the CPU bench's small UNet at
-4 pairs (bench/RESULTS.md), keeping conv + matmul + attention outputs keeps 0.87x the activation
+4 pairs (a first interleaved probe, before frozen convolutions; bench/RESULTS.md), keeping conv + matmul + attention outputs keeps 0.87x the activation
 memory of no checkpointing (37.6 of 43.2 MB: the linear outputs are as large as the tensors the
 norms would have saved) for a 1.18x step; keeping conv + attention only keeps 0.55x (23.6 MB) for
 1.26x; full checkpointing 0.40x (17.4 MB) for 1.28x. On this CPU the element-wise and normalisation
