@@ -128,16 +128,18 @@ def _cat_draws(parts: list[PairDraws]) -> PairDraws:
                        ("timesteps", "noise", "drop_caption", "drop_user", "embed_choice")))
 
 
-def reference_mse(model, x, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+def reference_mse(model, x, autocast_dtype: torch.dtype | None, inference_mode: bool = True) -> torch.Tensor:
     """(2B,) float64 reference ε-MSEs of one micro-batch's NoisedPairs `x`: the base (user branch off)
-    under inference_mode and the run's autocast, then ppd::paired_mse of its prediction in float32
-    (what the online step feeds the loss)."""
+    under inference_mode (no_grad when `inference_mode` is False: FSDP-sharded adapters all-gather
+    into buffers that later steps update in place, which inference tensors refuse) and the run's
+    autocast, then ppd::paired_mse of its prediction in float32 (what the online step feeds the loss)."""
     from ppd_engine.adapters.families import call_model
     from ppd_engine.adapters.handle import user_conditioning
     from ppd_engine.ops.dpo_loss import paired_mse
 
     device = x.noisy.device
-    with torch.inference_mode(), user_conditioning(model.unet, None), torch.autocast(
+    grad_off = torch.inference_mode() if inference_mode else torch.no_grad()
+    with grad_off, user_conditioning(model.unet, None), torch.autocast(
             device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         pred = call_model(model.unet, x.noisy, x.timesteps, x.text, **x.cond)
         return paired_mse(pred.float(), None, x.target.float())[0]
@@ -146,7 +148,7 @@ def reference_mse(model, x, autocast_dtype: torch.dtype | None) -> torch.Tensor:
 def compute_reference_mse(model, dataset, order: DataOrder, total_steps: int, *, seed: int,
                           empty_caption_prob: float, empty_text: torch.Tensor, empty_pooled: torch.Tensor | None,
                           autocast_dtype: torch.dtype | None, device: torch.device, batch_pairs: int,
-                          slot_groups: list[list[int]] | None = None) -> torch.Tensor:
+                          slot_groups: list[list[int]] | None = None, inference_mode: bool = True) -> torch.Tensor:
     """(total_steps, pairs_per_step, 2) float64: the reference ε-MSE of the winner and the loser of
     every (step, slot) in `slot_groups` (this rank's micro-batches, data_order.rank_slots; default all
     slots; other rows stay 0), from the same inputs the training step builds
@@ -173,7 +175,7 @@ def compute_reference_mse(model, dataset, order: DataOrder, total_steps: int, *,
                                     model.num_train_timesteps, empty_caption_prob, 0.0, device))
         batch = collate(items, device)
         x = noised_pairs(model, batch, _cat_draws(draws), empty_text, empty_pooled)
-        mse = reference_mse(model, x, autocast_dtype).cpu()
+        mse = reference_mse(model, x, autocast_dtype, inference_mode).cpu()
         b = len(chunk)
         # Rows of `items` follow `chunk`: steps appear in job order and each step's jobs are contiguous.
         for j, (step, slot) in enumerate(chunk):
@@ -255,7 +257,7 @@ def save_reference(path: Path, table: torch.Tensor, fp: str, meta: dict) -> None
 def load_or_compute(*, model, adapters, dataset, order: DataOrder, total_steps: int, seed: int,
                     empty_caption_prob: float, empty_text: torch.Tensor, empty_pooled: torch.Tensor | None,
                     mixed_precision: str, autocast_dtype: torch.dtype | None, env, folder: str | Path,
-                    batch_pairs: int, slot_groups: list[list[int]]) -> ReferenceTable:
+                    batch_pairs: int, slot_groups: list[list[int]], inference_mode: bool = True) -> ReferenceTable:
     """The run's reference table: read from `folder` when a file with this run's fingerprint is
     there on every rank, else computed (each rank the slots it trains, `slot_groups`, summed across
     ranks) and written by rank 0."""
@@ -279,7 +281,7 @@ def load_or_compute(*, model, adapters, dataset, order: DataOrder, total_steps: 
     table = compute_reference_mse(model, dataset, order, total_steps, seed=seed,
                                   empty_caption_prob=empty_caption_prob, empty_text=empty_text,
                                   empty_pooled=empty_pooled, autocast_dtype=autocast_dtype, device=device,
-                                  batch_pairs=batch_pairs, slot_groups=slot_groups)
+                                  batch_pairs=batch_pairs, slot_groups=slot_groups, inference_mode=inference_mode)
     table = all_reduce_sum(table.to(device), env).cpu()
     if env.is_main:
         save_reference(path, table, fp, meta)

@@ -266,7 +266,7 @@ class Trainer:
             total_steps=self.total_steps, seed=t.seed, empty_caption_prob=t.empty_caption_prob,
             empty_text=self.empty_text, empty_pooled=self.empty_pooled, mixed_precision=t.mixed_precision,
             autocast_dtype=self.autocast, env=self.env, folder=t.reference_dir or self.run_dir.parent / "reference",
-            batch_pairs=t.reference_batch or t.micro_batch, slot_groups=self.slots)
+            batch_pairs=t.reference_batch or t.micro_batch, slot_groups=self.slots, inference_mode=not self.sharded)
 
     def _check_resumable(self, state: dict) -> None:
         t = self.cfg.train
