@@ -95,6 +95,43 @@ def measure(fn: Callable[[], object], device: torch.device | str, warmup: int = 
     return Timing(statistics.median(times), q[1], q[7], peak, len(times))
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, warmup: int = 2,
+                        runs: int = 5) -> dict[str, Timing]:
+    """`measure` for several providers in one round-robin loop: run r times every provider once, so
+    a neighbour's load on a shared machine falls on all providers alike rather than on one. Peak
+    memory is read per provider, in one extra call each, as in `measure`."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    gc.collect()
+    peaks = {}
+    for name, fn in fns.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            peaks[name] = cpu_peak_mb(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[name] = Timing(statistics.median(ts), q[1], q[7], peaks[name], len(ts))
+    return out
+
+
 def cpu_peak_mb(fn: Callable[[], object]) -> float:
     """Peak bytes allocated by torch on the CPU during one call of `fn`, via the memory profiler
     (profile_memory=True records every CPU allocation and free with its size)."""

@@ -62,6 +62,19 @@ inline Dims check_dpo(const at::Tensor& model_pred, const at::Tensor& ref_pred, 
   return dims;
 }
 
+// dpo_loss_ref_mse: model_pred/target as for dpo_loss, ref_mse a float64 (2B,) vector on the same device.
+inline Dims check_dpo_ref_mse(const at::Tensor& model_pred, const at::Tensor& ref_mse, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, double beta, const char* op) {
+  const Dims dims = check_dpo(model_pred, model_pred, target, weight, beta, op);
+  TORCH_CHECK(ref_mse.dim() == 1 && ref_mse.size(0) == dims.n, op, ": ref_mse must have shape (2B,) = (", dims.n,
+              ",) for model_pred shape ", model_pred.sizes(), ", got ", ref_mse.sizes());
+  TORCH_CHECK(ref_mse.scalar_type() == c10::ScalarType::Double, op, ": ref_mse must be float64 (as paired_mse "
+              "returns it), got ", ref_mse.scalar_type());
+  TORCH_CHECK(ref_mse.device() == model_pred.device(), op, ": ref_mse is on ", ref_mse.device(),
+              " but model_pred is on ", model_pred.device());
+  return dims;
+}
+
 // The arguments of dpo_loss_backward besides model_pred/target; returns the pair layout.
 inline Dims check_dpo_backward(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_inside,
                                const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,

@@ -28,6 +28,13 @@ TORCH_LIBRARY(ppd, m) {
   m.def(
       "dpo_loss(Tensor model_pred, Tensor ref_pred, Tensor target, Tensor? weight, float beta)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same loss with the reference's per-sample MSEs precomputed (train.reference=cached): ref_mse is
+  // (2B,) float64, as paired_mse returns it, so no reference prediction exists at training time.
+  // Returns the loss (), inside (B,) fp32 and model_mse (2B,) float64; its gradient is
+  // dpo_loss_backward's (the chain rule only needs inside, weight, model_pred and target).
+  m.def(
+      "dpo_loss_ref_mse(Tensor model_pred, Tensor ref_mse, Tensor target, Tensor? weight, float beta)"
+      " -> (Tensor, Tensor, Tensor)");
   // Gradient w.r.t. model_pred, recomputed from the saved `inside` in one elementwise pass; takes the
   // incoming grads of loss, inside and model_mse (None = zero), so every output is differentiable.
   m.def(

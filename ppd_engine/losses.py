@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppd_engine.ops.dpo_loss import dpo_loss, paired_mse
+from ppd_engine.ops.dpo_loss import dpo_loss, dpo_loss_ref_mse, paired_mse
 
 
 @dataclass
@@ -100,7 +100,8 @@ class LossSpec:
     the others (e.g. "labels") by the caller (the training step builds them with `loss_inputs`).
     `fused(model_pred, ref_pred, target, weight, beta, **options)`: an optional one-kernel
     implementation returning (loss, inside, model_mse, ref_mse), or None when these options need
-    the generic path."""
+    the generic path; with precomputed reference MSEs it is called with ref_pred=None and
+    `ref_mse=` (a fused function without that keyword is then skipped)."""
 
     name: str
     fn: Callable[..., Tensor | tuple[Tensor, Tensor]]
@@ -313,12 +314,28 @@ def _pair_inside(model_mse: Tensor, ref_mse: Tensor | None, weight: Tensor | Non
     return torch.where(torch.isfinite(terms), inside, torch.full_like(inside, float("nan")))
 
 
+def needs_reference_prediction(name: str | Sequence[str]) -> bool:
+    """True when a term of the loss reads the reference prediction itself (e.g. dspo), so reference
+    MSEs alone (a cached reference pass) cannot serve it."""
+    return any("ref_pred" in s.inputs for s in _specs(name))
+
+
 def _check_call(specs: list[LossSpec], model_pred: Tensor, ref_pred: Tensor | None, weight: Tensor | None,
-                beta: float, loss_weights: Sequence[float] | None, options: Mapping[str, Any]) -> None:
+                beta: float, loss_weights: Sequence[float] | None, options: Mapping[str, Any],
+                ref_mse: Tensor | None = None) -> None:
     label = "+".join(s.name for s in specs)
+    if ref_mse is not None:
+        if ref_pred is not None:
+            raise ValueError("preference_loss: pass ref_pred or ref_mse, not both")
+        if ref_mse.shape != (model_pred.shape[0],):
+            raise ValueError(f"preference_loss: ref_mse must have shape ({model_pred.shape[0]},) for model_pred "
+                             f"shape {tuple(model_pred.shape)}, got {tuple(ref_mse.shape)}")
     for s in specs:
-        if s.needs_ref and ref_pred is None:
-            raise ValueError(f"preference loss {s.name!r} needs ref_pred (got None)")
+        if "ref_pred" in s.inputs and ref_pred is None:
+            raise ValueError(f"preference loss {s.name!r} needs the reference prediction ref_pred itself "
+                             "(its MSEs are not enough; use train.reference=online)")
+        if s.needs_ref and ref_pred is None and ref_mse is None:
+            raise ValueError(f"preference loss {s.name!r} needs ref_pred or ref_mse (got None)")
         if weight is not None and not s.uses_weight:
             raise ValueError(f"preference loss {s.name!r} does not use weight; pass weight=None")
     if len({s.paired for s in specs}) > 1:
@@ -372,30 +389,40 @@ def official_beta(beta: float, units: str, num_train_timesteps: int) -> float:
 
 def preference_loss(name: str | Sequence[str], model_pred: Tensor, ref_pred: Tensor | None, target: Tensor,
                     beta: float = 5000.0, weight: Tensor | None = None,
-                    loss_weights: Sequence[float] | None = None, **options) -> PreferenceOutput:
+                    loss_weights: Sequence[float] | None = None, ref_mse: Tensor | None = None,
+                    **options) -> PreferenceOutput:
     """Compute the registered loss `name` (see LOSSES), or the mixture sum_i loss_weights[i] * loss_i
     of a list of names (TRL's loss_type list with loss_weights; default weights 1), on ε-predictions.
 
     Args: model_pred, ref_pred, target (2B, ...) winners first (kto: (N, ...) with labels=(N,) in
-    {+1, -1}); ref_pred may be None for reference-free losses (sft, orpo, mapo); weight (B,) per-pair
+    {+1, -1}); ref_pred may be None for reference-free losses (sft, orpo, mapo), or when `ref_mse`
+    (2B,) gives the reference's per-sample ε-MSEs precomputed (a cached reference pass; every loss
+    but those reading the prediction itself, dspo); weight (B,) per-pair
     ω(λ_t); beta > 0; **options the losses' own options (and declared inputs such as labels): an
     unknown key raises, and each term of a mixture receives only the options it declares.
     Gradients flow to model_pred only.
     """
     specs = _specs(name)
-    _check_call(specs, model_pred, ref_pred, weight, beta, loss_weights, options)
+    _check_call(specs, model_pred, ref_pred, weight, beta, loss_weights, options, ref_mse)
     lw = list(loss_weights) if loss_weights else [1.0] * len(specs)
 
-    if len(specs) == 1 and specs[0].fused is not None and ref_pred is not None:
-        fused = specs[0].fused(model_pred, ref_pred, target, weight, beta, **_own(specs[0], options))
+    fusable = specs[0].fused is not None and (
+        ref_pred is not None or (ref_mse is not None and "ref_mse" in inspect.signature(specs[0].fused).parameters))
+    if len(specs) == 1 and fusable:
+        extra = {} if ref_mse is None else {"ref_mse": ref_mse}
+        fused = specs[0].fused(model_pred, ref_pred, target, weight, beta, **extra, **_own(specs[0], options))
         if fused is not None:
             loss, inside, model_mse, ref_mse = fused
             loss = loss * lw[0] if loss_weights else loss
-            return _output(specs, loss, {specs[0].name: fused[0]}, inside, model_mse, ref_mse,
+            return _output(specs, loss, {specs[0].name: fused[0]}, inside, model_mse.float(), ref_mse.float(),
                            model_mse.double(), ref_mse.double(), weight, beta, options)
 
     lib = {"model_pred": model_pred, "ref_pred": ref_pred, "target": target}
-    model_mse, ref_mse = paired_mse(model_pred, ref_pred, target)  # float64 (see paired_mse)
+    if ref_mse is None:
+        model_mse, ref_mse = paired_mse(model_pred, ref_pred, target)  # float64 (see paired_mse)
+    else:
+        model_mse = paired_mse(model_pred, None, target)[0]
+        ref_mse = ref_mse.detach().double()
     mm64 = model_mse.double()
     rm64 = None if ref_mse is None else ref_mse.double()
     base_inside = _pair_inside(mm64, rm64, weight, beta) if specs[0].paired else None
@@ -474,10 +501,13 @@ def _check_smoothing(name: str, eps: float, hi: float = 0.5, lo_open: bool = Fal
 
 
 def _fused_sigmoid(model_pred, ref_pred, target, weight, beta, label_smoothing: float = 0.0,
-                   f_divergence: str = "reverse_kl", f_alpha: float = 0.5):
+                   f_divergence: str = "reverse_kl", f_alpha: float = 0.5, ref_mse: Tensor | None = None):
     # Plain Diffusion-DPO is one kernel (the same value as the generic path); other options are not.
     if label_smoothing != 0.0 or f_divergence != "reverse_kl":
         return None
+    if ref_pred is None:
+        loss, inside, model_mse = dpo_loss_ref_mse(model_pred, ref_mse, target, weight=weight, beta=beta)
+        return loss, inside, model_mse, ref_mse.detach().double()
     return dpo_loss(model_pred, ref_pred, target, weight=weight, beta=beta)
 
 

@@ -17,6 +17,9 @@ Strategies:
   rows (an op saves whole tensors, not row ranges), so stacked costs about 2x the activation
   memory of sequential; it buys fewer, larger kernel launches, not memory.
 
+`policy_forward` runs the policy rows alone, for steps whose reference MSEs were computed before
+training (train.reference=cached, ppd_engine/training/reference.py).
+
 Text K/V sharing (UNet2DConditionModel): each cross-attention computes K/V of the caption once per
 call of paired_forward and reuses them for all four evaluations; when winners and losers carry the
 same text states (checked with torch.equal), only the B distinct rows are projected. Stable Cascade
@@ -68,6 +71,78 @@ def _double_rows(value, rows: int):
     return value
 
 
+def _text_kv_context(model: nn.Module, encoder_hidden_states: torch.Tensor, pairs: int, share_text_kv: bool):
+    """shared_text_kv over the pair batch: only the B distinct caption rows when winners and losers
+    carry the same text states (checked with torch.equal)."""
+    rows = 2 * pairs
+    cacheable = share_text_kv and family_of(model).cache_text_kv and not encoder_hidden_states.requires_grad
+    if not cacheable:
+        return contextlib.nullcontext()
+    same = torch.equal(encoder_hidden_states[:pairs], encoder_hidden_states[pairs:])
+    return shared_text_kv(model, pairs if same else rows)
+
+
+def _check_rows(noisy_latents: torch.Tensor, **tensors) -> int:
+    """B of a (2B, ...) pair batch, after checking every per-row tensor has 2B rows."""
+    rows = noisy_latents.shape[0]
+    if rows % 2:
+        raise ValueError(f"noisy_latents has {rows} rows; a pair batch has 2B rows (winners then losers)")
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] != rows:
+            raise ValueError(f"{name} has {t.shape[0]} rows, noisy_latents has {rows}")
+    return rows // 2
+
+
+def _dropout_mask(model: nn.Module, handle, user_embeds, pairs: int, device) -> torch.Tensor | bool:
+    """Embedding dropout (training mode, handle.dropout > 0): one mask per pair, shared by w and l."""
+    if user_embeds is not None and model.training and handle.dropout > 0:
+        return handle.drop_mask(pairs, device=device).repeat(2)
+    return False
+
+
+def _prefill_text_kv(model: nn.Module, encoder_hidden_states: torch.Tensor) -> None:
+    """Project every cross-attention's text K/V into the shared cache before the policy call.
+
+    In paired_forward the reference call fills the cache; without it, the policy call's forward
+    would project K/V while a gradient-checkpointing re-run in backward finds the cache full and
+    skips the projections. Selective checkpointing replays saved matmul outputs in call order, so the
+    two op sequences must match. K/V of the frozen text projections are constants of the adapters'
+    gradient, so no_grad changes nothing else."""
+    handle = get_user_adapters(model)
+    inputs = handle.state.inputs()
+    with torch.no_grad():
+        for name, proc in handle.processors.items():
+            if proc.cache_text_kv:
+                attn = model.get_submodule(name)
+                states = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross \
+                    else encoder_hidden_states
+                proc._text_kv(attn, states, inputs)
+
+
+def policy_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                   encoder_hidden_states: torch.Tensor, user_embeds: torch.Tensor | None,
+                   added_cond_kwargs: dict | None = None, gate: float | torch.Tensor = 1.0,
+                   share_text_kv: bool = True, phase_hook: Callable[[str, str], None] | None = None,
+                   **unet_kwargs) -> torch.Tensor:
+    """The policy rows of paired_forward alone, (2B, C, H, W) with grad: for a step whose reference
+    MSEs were computed beforehand (train.reference=cached). Same arguments as paired_forward; the
+    phase hook sees "policy"."""
+    handle = get_user_adapters(model)
+    pairs = _check_rows(noisy_latents, timesteps=timesteps, encoder_hidden_states=encoder_hidden_states,
+                        user_embeds=user_embeds)
+    hook = phase_hook or (lambda phase, event: None)
+    drop = _dropout_mask(model, handle, user_embeds, pairs, noisy_latents.device)
+    with _text_kv_context(model, encoder_hidden_states, pairs, share_text_kv):
+        hook("policy", "start")
+        if handle.state.text_cache is not None:  # inside shared_text_kv
+            _prefill_text_kv(model, encoder_hidden_states)
+        with user_conditioning(model, user_embeds, gate, drop=drop):
+            policy = call_model(model, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs,
+                                **unet_kwargs)
+        hook("policy", "end")
+    return policy
+
+
 def paired_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                    encoder_hidden_states: torch.Tensor, user_embeds: torch.Tensor | None,
                    strategy: str = "sequential", added_cond_kwargs: dict | None = None,
@@ -96,26 +171,13 @@ def paired_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: tor
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; expected one of {STRATEGIES}")
     handle = get_user_adapters(model)
-    rows = noisy_latents.shape[0]
-    if rows % 2:
-        raise ValueError(f"noisy_latents has {rows} rows; a pair batch has 2B rows (winners then losers)")
-    for name, t in (("timesteps", timesteps), ("encoder_hidden_states", encoder_hidden_states),
-                    ("user_embeds", user_embeds)):
-        if isinstance(t, torch.Tensor) and t.ndim > 0 and t.shape[0] != rows:
-            raise ValueError(f"{name} has {t.shape[0]} rows, noisy_latents has {rows}")
-    pairs = rows // 2
+    pairs = _check_rows(noisy_latents, timesteps=timesteps, encoder_hidden_states=encoder_hidden_states,
+                        user_embeds=user_embeds)
+    rows = 2 * pairs
     hook = phase_hook or (lambda phase, event: None)
+    drop = _dropout_mask(model, handle, user_embeds, pairs, noisy_latents.device)
 
-    drop = None
-    if user_embeds is not None and model.training and handle.dropout > 0:
-        drop = handle.drop_mask(pairs, device=noisy_latents.device).repeat(2)
-
-    cacheable = share_text_kv and family_of(model).cache_text_kv and not encoder_hidden_states.requires_grad
-    text_rows = pairs if cacheable and torch.equal(encoder_hidden_states[:pairs], encoder_hidden_states[pairs:]) \
-        else rows
-    cache = shared_text_kv(model, text_rows) if cacheable else contextlib.nullcontext()
-
-    with cache:
+    with _text_kv_context(model, encoder_hidden_states, pairs, share_text_kv):
         if strategy == "sequential":
             hook("reference", "start")
             with torch.no_grad(), user_conditioning(model, None):
@@ -123,7 +185,7 @@ def paired_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: tor
                                  **unet_kwargs)
             hook("reference", "end")
             hook("policy", "start")
-            with user_conditioning(model, user_embeds, gate, drop=False if drop is None else drop):
+            with user_conditioning(model, user_embeds, gate, drop=drop):
                 policy = call_model(model, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs,
                                     **unet_kwargs)
             hook("policy", "end")
@@ -131,7 +193,7 @@ def paired_forward(model: nn.Module, noisy_latents: torch.Tensor, timesteps: tor
 
         hook("stacked", "start")
         state = handle.state
-        with user_conditioning(model, user_embeds, gate, drop=False if drop is None else drop):
+        with user_conditioning(model, user_embeds, gate, drop=drop):
             # The user tokens cover the first 2B rows; the reference half runs the text path only.
             saved_prefix, state.prefix_rows = state.prefix_rows, True
             try:

@@ -122,6 +122,11 @@ def test_items_sd15(tmp_path, sd15, pairs):
     # Open shard handles are dropped on copy (DataLoader workers get a fresh reader).
     clone = copy.deepcopy(ds)
     assert torch.equal(clone[3]["latents_w"], item["latents_w"])
+    # The fingerprint the cached reference pass keys on: same pairs and cache -> same; fewer pairs,
+    # another flip seed -> different.
+    assert clone.fingerprint() == ds.fingerprint()
+    assert PairCacheDataset(cache, pairs.records[:4]).fingerprint() != ds.fingerprint()
+    assert PairCacheDataset(cache, pairs.records[:5], seed=1).fingerprint() != ds.fingerprint()
 
 
 def test_items_sdxl_have_pooled_and_time_ids(tmp_path, pipes, pairs):

@@ -299,3 +299,87 @@ def test_more_samples_than_cuda_grid_y(device):
         assert (got.double() - want.detach()).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
     mse, _ = paired_mse(model, None, target)
     assert mse.shape == (65538,) and (mse.double() - e_model.detach()).abs().max().item() < 1e-6
+
+
+# ---- dpo_loss_ref_mse: the loss from cached reference MSEs (train.reference=cached) ------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_pairs,inner,beta", [(1, (4, 7, 9), 50.0), (3, (5,), 5000.0), (8, (4, 7, 9), 50.0),
+                                                  (2, (3, 111, 111), 2000.0)])
+def test_dpo_loss_ref_mse_matches_reference(device, dtype, num_pairs, inner, beta):
+    from ppd_engine.ops.dpo_loss import dpo_loss_ref_mse
+
+    model, ref, target = make_inputs(num_pairs, inner, dtype, device)
+    weight = torch.rand(num_pairs, device=device) + 0.5
+    coefs = (torch.rand((), device=device) + 0.5, torch.randn(num_pairs, device=device),
+             torch.randn(2 * num_pairs, device=device))
+    # The reference MSEs a cached pre-pass stores: paired_mse's float64 of the low-precision ref_pred.
+    ref_mse = paired_mse(ref, None, target)[0]
+    assert ref_mse.dtype == torch.float64
+
+    m_fused = model.clone().requires_grad_()
+    fused = dpo_loss_ref_mse(m_fused, ref_mse, target, weight=weight, beta=beta)
+    combine((*fused, None), coefs).backward()
+
+    m_eager = model.clone().requires_grad_()
+    eager = R.dpo_loss_reference(m_eager, ref, target, weight, beta)
+    combine(eager, coefs).backward()
+
+    m64 = model.double().requires_grad_()
+    exact = R.dpo_loss_ref_mse_reference(m64, R.per_sample_mse(ref.double(), target.double()), target.double(),
+                                         weight.double(), beta)
+    combine((*exact, None), tuple(c.double() for c in coefs)).backward()
+
+    assert [t.dtype for t in fused] == [torch.float32, torch.float32, torch.float64]
+    for name, f, e, x in zip(("loss", "inside", "model_mse"), fused, eager, exact):
+        assert_close_to_ref(f, e, x.detach(), name)
+    assert m_fused.grad.dtype == dtype
+    assert_close_to_ref(m_fused.grad, m_eager.grad, m64.grad, "grad")
+
+    # Against the fused op with the prediction itself: the same sums, so fp32-rounding equal.
+    m_pred = model.clone().requires_grad_()
+    with_pred = dpo_loss(m_pred, ref, target, weight=weight, beta=beta)
+    combine(with_pred, coefs).backward()
+    torch.testing.assert_close(fused[0], with_pred[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused[1], with_pred[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m_fused.grad, m_pred.grad, rtol=1e-5, atol=1e-8)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_dpo_loss_ref_mse_opcheck_and_nan(device):
+    model, ref, target = make_inputs(3, (2, 5, 7), torch.float32, device)
+    ref_mse = paired_mse(ref, None, target)[0]
+    weight = torch.rand(3, device=device) + 0.5
+    op = torch.ops.ppd.dpo_loss_ref_mse.default
+    torch.library.opcheck(op, (model.requires_grad_(), ref_mse, target, weight, 40.0))
+    torch.library.opcheck(op, (model.detach().bfloat16(), ref_mse, target.bfloat16(), None, 40.0))
+    bad = ref_mse.clone()
+    bad[4] = float("inf")  # pair 1's loser
+    loss, inside, _ = op(model.detach(), bad, target, None, 40.0)
+    assert torch.isnan(loss) and torch.isnan(inside[1]) and torch.isfinite(inside[0])
+
+
+def test_dpo_loss_ref_mse_bad_inputs_and_fallback(monkeypatch):
+    from ppd_engine.ops.dpo_loss import dpo_loss_ref_mse
+
+    model, ref, target = make_inputs(2, (3, 5), torch.float32, "cpu")
+    ref_mse = R.per_sample_mse(ref.double(), target.double())
+    with pytest.raises(ValueError, match=r"ref_mse must have shape \(2B,\) = \(4,\) .* got \(3,\)"):
+        dpo_loss_ref_mse(model, ref_mse[:3], target)
+    with pytest.raises(ValueError, match="ref_mse must be a float tensor"):
+        dpo_loss_ref_mse(model, ref_mse.long(), target)
+    if _ext.HAS_EXT:
+        with pytest.raises(RuntimeError, match="ref_mse must be float64"):
+            torch.ops.ppd.dpo_loss_ref_mse(model, ref_mse.float(), target, None, 5.0)
+    fused = dpo_loss_ref_mse(model, ref_mse, target, beta=50.0)
+    monkeypatch.setattr(dpo_mod, "_HAS_KERNEL", {})
+    m = model.clone().requires_grad_()
+    fallback = dpo_loss_ref_mse(m, ref_mse, target, beta=50.0)
+    fallback[0].backward()
+    assert m.grad is not None and fallback[2].dtype == torch.float64
+    for a, b in zip(fused, fallback):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)

@@ -382,3 +382,40 @@ def test_torch_compile_fullgraph(name):
     torch.testing.assert_close(ma, mb)
     torch.testing.assert_close(m1.grad, m2.grad)
     assert math.isfinite(a.item())
+
+
+@pytest.mark.parametrize("name,options", [p for p in PARAMS if p[0] != "dspo"],
+                         ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}" for n, o in PARAMS if n != "dspo"])
+def test_precomputed_ref_mse_equals_ref_pred(name, options):
+    """A cached reference pass hands the loss paired_mse's float64 reference MSEs instead of the
+    prediction: every loss (dspo reads the prediction itself and refuses) gives the same loss,
+    inside, statistics and gradient as with ref_pred, to float32 rounding."""
+    from ppd_engine.ops.dpo_loss import paired_mse
+
+    model, ref, target = make_inputs(6, (4, 7, 9), torch.float32, "cpu", beta=500.0)
+    weight = torch.rand(3) + 0.5 if LOSSES[name].uses_weight else None
+    kw = _kw_for(name, options, 3, "cpu")
+    ref_mse = paired_mse(ref, None, target)[0]
+    m1, m2 = model.clone().requires_grad_(), model.clone().requires_grad_()
+    online = preference_loss(name, m1, ref, target, beta=500.0, weight=weight, **kw)
+    cached = preference_loss(name, m2, None, target, beta=500.0, weight=weight, ref_mse=ref_mse, **kw)
+    online.loss.backward()
+    cached.loss.backward()
+    for what in ("loss", "inside", "model_mse", "ref_mse", "rewards_margins"):
+        a, b = getattr(online, what), getattr(cached, what)
+        assert a.dtype == b.dtype, what
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name} {what}")
+    torch.testing.assert_close(m2.grad, m1.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_ref_mse_refusals():
+    model, ref, target = make_inputs(4, (3, 5), torch.float32, "cpu")
+    ref_mse = R.per_sample_mse(ref.double(), target.double())
+    with pytest.raises(ValueError, match="dspo.*needs the reference prediction ref_pred itself"):
+        preference_loss("dspo", model, None, target, ref_mse=ref_mse)
+    with pytest.raises(ValueError, match="ref_pred or ref_mse, not both"):
+        preference_loss("dpo", model, ref, target, ref_mse=ref_mse)
+    with pytest.raises(ValueError, match=r"ref_mse must have shape \(4,\) .* got \(3,\)"):
+        preference_loss("hinge", model, None, target, ref_mse=ref_mse[:3])
+    with pytest.raises(ValueError, match="'hinge' needs ref_pred or ref_mse"):
+        preference_loss("hinge", model, None, target)

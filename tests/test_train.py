@@ -174,7 +174,10 @@ def test_too_many_bad_steps_stop_with_checkpoint(tmp_path):
 
     model = tiny_model("sd15")
     items = make_items(model, 8)
-    cfg = load_config(None, [*FAST, "train.max_steps=6", "checkpoint.every=1", "train.max_bad_steps=1"])
+    # The dataset turns bad after 4 reads (a stateful dataset): the reference runs online, or the
+    # cached pre-pass would spend those reads.
+    cfg = load_config(None, [*FAST, "train.max_steps=6", "checkpoint.every=1", "train.max_bad_steps=1",
+                             "train.reference=online"])
 
     class FromStep2(list):
         reads = 0

@@ -237,6 +237,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cpu(const at
   return {loss, inside, model_mse, ref_mse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_ref_mse_cpu(const at::Tensor& model_pred,
+                                                                  const at::Tensor& ref_mse,
+                                                                  const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  double beta) {
+  const Dims dims = check_dpo_ref_mse(model_pred, ref_mse, target, weight, beta, "dpo_loss_ref_mse");
+  const int64_t num_pairs = dims.n / 2;
+  const at::Tensor m = model_pred.contiguous(), t = target.contiguous();
+  const at::Tensor r = ref_mse.contiguous();
+  const double* er = r.const_data_ptr<double>();
+  std::vector<double> sm, unused;
+  dispatch_dtype(m.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    row_sumsq<T, false>(m.const_data_ptr<T>(), nullptr, t.const_data_ptr<T>(), dims.n, dims.d, sm, unused);
+  });
+  const std::vector<double> w = weights_or_ones(weight, num_pairs);
+  at::Tensor loss = at::empty({}, model_pred.options().dtype(at::kFloat));
+  at::Tensor inside = at::empty({num_pairs}, model_pred.options().dtype(at::kFloat));
+  at::Tensor model_mse = at::empty({dims.n}, model_pred.options().dtype(at::kDouble));
+  const double inv_d = 1.0 / static_cast<double>(dims.d);
+  double* pm = model_mse.data_ptr<double>();
+  for (int64_t i = 0; i < dims.n; ++i) pm[i] = sm[i] * inv_d;
+  double total = 0.0;
+  for (int64_t b = 0; b < num_pairs; ++b) {
+    const double x = pair_inside(pm[b], er[b], pm[b + num_pairs], er[b + num_pairs], w[b], beta);
+    inside.data_ptr<float>()[b] = static_cast<float>(x);
+    total += softplus(-x);
+  }
+  loss.data_ptr<float>()[0] = static_cast<float>(total / static_cast<double>(num_pairs));
+  return {loss, inside, model_mse};
+}
+
 at::Tensor dpo_loss_backward_cpu(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_inside,
                                  const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,
                                  const std::optional<at::Tensor>& weight, const at::Tensor& model_pred,
@@ -274,5 +306,6 @@ TORCH_LIBRARY_IMPL(ppd, CPU, m) {
   m.impl("paired_mse", &ppd::dpo::paired_mse_cpu);
   m.impl("mse_backward", &ppd::dpo::mse_backward_cpu);
   m.impl("dpo_loss", &ppd::dpo::dpo_loss_cpu);
+  m.impl("dpo_loss_ref_mse", &ppd::dpo::dpo_loss_ref_mse_cpu);
   m.impl("dpo_loss_backward", &ppd::dpo::dpo_loss_backward_cpu);
 }

@@ -128,6 +128,31 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const double* __rest
   }
 }
 
+// One block, dpo_loss_ref_mse: the policy sums from the partials, the reference MSEs precomputed (float64).
+__global__ void __launch_bounds__(kThreads) finalize_ref_mse_kernel(const double* __restrict__ partial, int64_t n,
+                                                                    int64_t chunks, double inv_d,
+                                                                    const double* __restrict__ ref_mse,
+                                                                    const float* __restrict__ weight, double beta,
+                                                                    double* __restrict__ model_mse,
+                                                                    float* __restrict__ inside,
+                                                                    float* __restrict__ loss) {
+  const int64_t pairs = n / 2;
+  double acc = 0.0;
+  for (int64_t b = threadIdx.x; b < pairs; b += kThreads) {
+    const double em_w = row_total(partial, b, chunks, 0) * inv_d;
+    const double em_l = row_total(partial, b + pairs, chunks, 0) * inv_d;
+    const double w = weight != nullptr ? static_cast<double>(weight[b]) : 1.0;
+    const double x = pair_inside(em_w, ref_mse[b], em_l, ref_mse[b + pairs], w, beta);
+    model_mse[b] = em_w;
+    model_mse[b + pairs] = em_l;
+    inside[b] = static_cast<float>(x);
+    acc += softplus(-x);
+  }
+  __shared__ double shared[kThreads / 32];
+  acc = block_sum(acc, shared);
+  if (threadIdx.x == 0) loss[0] = static_cast<float>(acc / static_cast<double>(pairs));
+}
+
 // Coefficient sources of the backward pass: the DPO chain rule, or a plain per-row grad_mse.
 struct CoefArgs {
   const float* grad_loss;    // (1,), DPO only
@@ -322,6 +347,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dpo_loss_cuda(const a
   return {loss, inside, model_mse, ref_mse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dpo_loss_ref_mse_cuda(const at::Tensor& model_pred,
+                                                                   const at::Tensor& ref_mse,
+                                                                   const at::Tensor& target,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   double beta) {
+  const Dims dims = check_dpo_ref_mse(model_pred, ref_mse, target, weight, beta, "dpo_loss_ref_mse");
+  const c10::cuda::CUDAGuard guard(model_pred.device());
+  const at::Tensor m = model_pred.contiguous(), t = target.contiguous(), r = ref_mse.contiguous();
+  auto [partial, chunks] = launch_sumsq(m, nullptr, t, dims);
+  at::Tensor loss = at::empty({}, model_pred.options().dtype(at::kFloat));
+  at::Tensor inside = at::empty({dims.n / 2}, model_pred.options().dtype(at::kFloat));
+  at::Tensor model_mse = at::empty({dims.n}, model_pred.options().dtype(at::kDouble));
+  const at::Tensor w = weight.has_value() ? f32(*weight) : at::Tensor();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  finalize_ref_mse_kernel<<<1, kThreads, 0, stream>>>(
+      partial.const_data_ptr<double>(), dims.n, chunks, 1.0 / static_cast<double>(dims.d), r.const_data_ptr<double>(),
+      w.defined() ? w.const_data_ptr<float>() : nullptr, beta, model_mse.data_ptr<double>(), inside.data_ptr<float>(),
+      loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, inside, model_mse};
+}
+
 at::Tensor dpo_loss_backward_cuda(const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_inside,
                                   const std::optional<at::Tensor>& grad_model_mse, const at::Tensor& inside,
                                   const std::optional<at::Tensor>& weight, const at::Tensor& model_pred,
@@ -354,5 +401,6 @@ TORCH_LIBRARY_IMPL(ppd, CUDA, m) {
   m.impl("paired_mse", &ppd::dpo::paired_mse_cuda);
   m.impl("mse_backward", &ppd::dpo::mse_backward_cuda);
   m.impl("dpo_loss", &ppd::dpo::dpo_loss_cuda);
+  m.impl("dpo_loss_ref_mse", &ppd::dpo::dpo_loss_ref_mse_cuda);
   m.impl("dpo_loss_backward", &ppd::dpo::dpo_loss_backward_cuda);
 }

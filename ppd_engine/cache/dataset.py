@@ -53,6 +53,14 @@ class PairCacheDataset(Dataset):
                         "decode, or records added after the build) and are left out",
                         self.missing, len(records), cache_dir)
 
+    def fingerprint(self) -> str:
+        """What the items of every epoch depend on: the cache's fingerprint, the flip rule and the pairs
+        in order (the cached reference pass keys on it instead of reading every latent)."""
+        h = hashlib.sha256(f"{self.reader.fingerprint}:{self.flip}:{self.seed}".encode())
+        for p in self.pairs:
+            h.update("\x1f".join(p).encode() + b"\x1e")
+        return h.hexdigest()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

@@ -261,6 +261,7 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(t.loss_scale_init > 0, "train.loss_scale_init", f"{t.loss_scale_init} must be > 0")
     need(t.grad_clip >= 0, "train.grad_clip", f"{t.grad_clip} must be >= 0 (0 = off)")
     need(t.max_bad_steps >= 0, "train.max_bad_steps", f"{t.max_bad_steps} must be >= 0")
+    need(t.reference_batch >= 0, "train.reference_batch", f"{t.reference_batch} must be >= 0 (0 = micro_batch)")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device",
          f"{t.device!r} is not allowed; choose auto | cpu | cuda | cuda:N")
     # Seeds feed SeedSequence and torch generators whole (never reduced mod 2^32); torch takes < 2^63.

@@ -142,7 +142,20 @@ class TrainConfig:
                                          "halves on every overflowing step and doubles after 2000 good ones")
     allow_tf32: bool = _f(False, "TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster fp32 matmuls, "
                                  "~10-bit mantissa inputs)")
-    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward, as train.checkpoint_policy says")
+    checkpoint_policy: Literal["full", "selective", "feedforward"] = _f(
+        "feedforward", "with gradient_checkpointing: feedforward (recompute only the transformer blocks' "
+        "feed-forwards; CPU bench vs none: 0.74x memory, 1.1x step time) | selective (keep conv/attention outputs, "
+        "recompute the rest: 0.55x, 1.4x) | full (recompute whole blocks: 0.39x, 1.5x); see bench/RESULTS.md")
+    reference: Literal["online", "cached"] = _f(
+        "cached", "reference ε-MSEs: cached (one inference pass before training, stored in reference_dir and "
+        "shared by runs with the same base, data, seed and schedule) | online (a reference forward every step); "
+        "cached falls back to online, with a log line, where it is not valid (stacked strategy, dspo)")
+    reference_dir: str = _f("", "folder of cached reference passes; empty = RUN/../reference (shared by a sweep)")
+    reference_batch: int = _f(
+        0, "pairs per forward of the reference pass; 0 = micro_batch (the online reference's shapes: bit-identical "
+        "MSEs on CPU); larger batches differ by fp32 rounding (halved on CUDA OOM)")
+    compile: bool = _f(False, "torch.compile the denoiser in place (training steps and the reference pass)")
     paired_strategy: Literal["sequential", "stacked"] = _f(
         "sequential", "paired forward: sequential (reference then policy) | stacked (one 4B batch)")
     max_bad_steps: int = _f(10, "consecutive NaN/Inf steps tolerated before the run stops")

@@ -44,7 +44,7 @@ from ppd_engine import _ext
 from ppd_engine.ops import reference
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OPS = ("paired_mse", "mse_backward", "dpo_loss", "dpo_loss_backward")
+_OPS = ("paired_mse", "mse_backward", "dpo_loss", "dpo_loss_ref_mse", "dpo_loss_backward")
 # Looked up once at import: dynamo cannot trace the dispatcher query, but it can read a dict.
 _HAS_KERNEL = {(op, dev): _ext.has_kernel(op, dev) for op in _OPS for dev in ("cpu", "cuda")}
 
@@ -123,6 +123,34 @@ def dpo_loss(model_pred: Tensor, ref_pred: Tensor, target: Tensor, weight: Tenso
     return torch.ops.ppd.dpo_loss(model_pred, ref_pred, target, weight, float(beta))
 
 
+def _check_ref_mse(model_pred: Tensor, ref_mse: Tensor, op: str) -> None:
+    if ref_mse.shape != (model_pred.shape[0],):
+        raise ValueError(f"{op}: ref_mse must have shape (2B,) = ({model_pred.shape[0]},) for model_pred shape "
+                         f"{tuple(model_pred.shape)}, got {tuple(ref_mse.shape)}")
+    if ref_mse.device != model_pred.device:
+        raise ValueError(f"{op}: ref_mse is on {ref_mse.device} but model_pred is on {model_pred.device}")
+    if not ref_mse.is_floating_point():
+        raise ValueError(f"{op}: ref_mse must be a float tensor, got {ref_mse.dtype}")
+
+
+def dpo_loss_ref_mse(model_pred: Tensor, ref_mse: Tensor, target: Tensor, weight: Tensor | None = None,
+                     beta: float = 5000.0) -> tuple[Tensor, Tensor, Tensor]:
+    """`dpo_loss` with the reference's per-sample MSEs given instead of its prediction (a cached
+    reference pass, ppd_engine.training.reference): one pass over model_pred and target.
+
+    Args: model_pred, target (2B, ...); ref_mse (2B,) (taken as float64, a constant); weight, beta
+    as for dpo_loss. Returns: loss (), inside (B,) float32, model_mse (2B,) float64; differentiable
+    w.r.t. model_pred. Equals dpo_loss(model_pred, ref_pred, target, ...) when ref_mse is
+    paired_mse's MSE of ref_pred.
+    """
+    _check_dpo(model_pred, model_pred, target, weight, beta, "dpo_loss_ref_mse")
+    _check_ref_mse(model_pred, ref_mse, "dpo_loss_ref_mse")
+    ref_mse = ref_mse.detach().double()
+    if not _use_kernel("dpo_loss_ref_mse", model_pred):
+        return reference.dpo_loss_ref_mse_reference(model_pred, ref_mse, target, weight, float(beta))
+    return torch.ops.ppd.dpo_loss_ref_mse(model_pred, ref_mse, target, weight, float(beta))
+
+
 # ---- fake kernels and autograd, registered when the compiled op library is loaded ----------------
 
 if _ext.HAS_EXT:
@@ -144,6 +172,12 @@ if _ext.HAS_EXT:
         return (model_pred.new_empty((), **f32), model_pred.new_empty((n // 2,), **f32),
                 model_pred.new_empty((n,), **f32), model_pred.new_empty((n,), **f32))
 
+    @torch.library.register_fake("ppd::dpo_loss_ref_mse")
+    def _dpo_loss_ref_mse_fake(model_pred, ref_mse, target, weight, beta):
+        n = model_pred.shape[0]
+        return (model_pred.new_empty((), dtype=torch.float32), model_pred.new_empty((n // 2,), dtype=torch.float32),
+                model_pred.new_empty((n,), dtype=torch.float64))
+
     @torch.library.register_fake("ppd::dpo_loss_backward")
     def _dpo_loss_backward_fake(grad_loss, grad_inside, grad_model_mse, inside, weight, model_pred, target, beta):
         return torch.empty(model_pred.shape, dtype=model_pred.dtype, device=model_pred.device)
@@ -163,7 +197,7 @@ if _ext.HAS_EXT:
 
     def _dpo_loss_setup(ctx, inputs, output):
         model_pred, _, target, weight, beta = inputs
-        _, inside, _, _ = output
+        inside = output[1]  # (loss, inside, model_mse[, ref_mse]) for dpo_loss and dpo_loss_ref_mse
         ctx.save_for_backward(inside, weight, model_pred, target)
         ctx.beta = beta
 
@@ -178,3 +212,10 @@ if _ext.HAS_EXT:
         return grad, None, None, None, None
 
     torch.library.register_autograd("ppd::dpo_loss", _dpo_loss_backward, setup_context=_dpo_loss_setup)
+
+    def _dpo_loss_ref_mse_backward(ctx, grad_loss, grad_inside, grad_model_mse):
+        # The same chain rule as dpo_loss: the coefficient depends on inside, weight and beta only.
+        return _dpo_loss_backward(ctx, grad_loss, grad_inside, grad_model_mse, None)
+
+    torch.library.register_autograd("ppd::dpo_loss_ref_mse", _dpo_loss_ref_mse_backward,
+                                    setup_context=_dpo_loss_setup)

@@ -66,6 +66,18 @@ def dpo_loss_reference(model_pred: Tensor, ref_pred: Tensor, target: Tensor, wei
     return loss, inside, model_mse, ref_mse
 
 
+def dpo_loss_ref_mse_reference(model_pred: Tensor, ref_mse: Tensor, target: Tensor, weight: Tensor | None = None,
+                               beta: float = 5000.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager Diffusion-DPO from precomputed reference MSEs (2B,): (loss, inside (B,), model_mse (2B,)).
+    The MSE is taken in float64 (as the kernel's double sums), the loss and inside returned as float32
+    like the kernel's, or float64 for float64 predictions."""
+    model_mse = per_sample_mse(model_pred.double(), target.detach().double())
+    inside = dpo_inside_reference(model_mse, ref_mse.detach().double(), weight, beta)
+    loss = -F.logsigmoid(inside).mean()
+    out = torch.float64 if model_pred.dtype == torch.float64 else torch.float32
+    return loss.to(out), inside.to(out), model_mse
+
+
 # ---- preference-loss variants (independent of ppd_engine.losses, written straight from the formulas) ----
 
 

@@ -87,24 +87,24 @@ class StepStats:
     rewards_margins: torch.Tensor
 
 
-def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Tensor, empty_text: torch.Tensor,
-                    empty_pooled: torch.Tensor | None, *, loss_name: str | list[str], beta: float, weighting: str,
-                    snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None,
-                    phase_hook=None, loss_weights: list[float] | None = None) -> tuple[torch.Tensor, StepStats]:
-    """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
+@dataclass
+class NoisedPairs:
+    """The denoiser inputs of a micro-batch of B pairs, 2B rows (winners then losers) each; `cond`
+    holds the family's own keyword inputs (SDXL micro-conditioning, Stage C's pooled text)."""
 
-    batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL / Stage C pooled (B, D2),
-    SDXL time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
-    empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
-    phase_hook(phase, "start"|"end"), if given, brackets the forward phases (see paired_forward)
-    and "loss", so a benchmark can time them. loss_name may be a list (a mixture, weighted by
-    loss_weights; None or empty = all 1).
-    """
-    from ppd_engine.losses import loss_inputs, preference_loss
-    from ppd_engine.paired import paired_forward
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    text: torch.Tensor
+    cond: dict
+    target: torch.Tensor
 
+
+def noised_pairs(model, batch: dict, draws: PairDraws, empty_text: torch.Tensor,
+                 empty_pooled: torch.Tensor | None) -> NoisedPairs:
+    """Caption dropout, noising and the regression target of a micro-batch: everything but the user
+    branch, so the training step and the cached reference pass (training/reference.py) feed the
+    model the same tensors for the same draws."""
     device = batch["latents_w"].device
-    b = batch["latents_w"].shape[0]
     drop_c = draws.drop_caption.view(-1, 1, 1)
     text = torch.where(drop_c, empty_text.to(device).expand_as(batch["text"]), batch["text"])
     pooled = time_ids = None
@@ -120,11 +120,40 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     latents = torch.cat([batch["latents_w"], batch["latents_l"]])
     noise = torch.cat([draws.noise, draws.noise])
     noisy, target, timesteps = model.noisy_and_target(latents, noise, torch.cat([draws.timesteps, draws.timesteps]))
+    return NoisedPairs(noisy, timesteps, torch.cat([text, text]), cond, target)
 
+
+def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Tensor, empty_text: torch.Tensor,
+                    empty_pooled: torch.Tensor | None, *, loss_name: str | list[str], beta: float, weighting: str,
+                    snr_gamma: float, loss_options: dict, strategy: str, autocast_dtype: torch.dtype | None,
+                    phase_hook=None, loss_weights: list[float] | None = None,
+                    ref_mse: torch.Tensor | None = None) -> tuple[torch.Tensor, StepStats]:
+    """The preference loss of one micro-batch of B pairs (scalar, with graph) and its statistics.
+
+    batch: collated items (latents_w/_l (B, C, h, w), text (B, T, D), SDXL / Stage C pooled (B, D2),
+    SDXL time_ids_w/_l (B, 6)); user_embeds (B, T_in, Du), rows already zeroed for dropout;
+    empty_text (1, T, D) / empty_pooled (1, D2): the empty caption's conditioning.
+    phase_hook(phase, "start"|"end"), if given, brackets the forward phases (see paired_forward)
+    and "loss", so a benchmark can time them. loss_name may be a list (a mixture, weighted by
+    loss_weights; None or empty = all 1). ref_mse (2B,) float64: the reference's per-sample MSEs
+    for these draws, precomputed (train.reference=cached); then only the policy rows run.
+    """
+    from ppd_engine.losses import loss_inputs, preference_loss
+    from ppd_engine.paired import paired_forward, policy_forward
+
+    device = batch["latents_w"].device
+    b = batch["latents_w"].shape[0]
+    x = noised_pairs(model, batch, draws, empty_text, empty_pooled)
+    target = x.target
+    users = torch.cat([user_embeds, user_embeds])
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        policy, ref = paired_forward(model.unet, noisy, timesteps, torch.cat([text, text]),
-                                     torch.cat([user_embeds, user_embeds]), strategy=strategy,
-                                     phase_hook=phase_hook, **cond)
+        if ref_mse is None:
+            policy, ref = paired_forward(model.unet, x.noisy, x.timesteps, x.text, users, strategy=strategy,
+                                         phase_hook=phase_hook, **x.cond)
+        else:
+            policy = policy_forward(model.unet, x.noisy, x.timesteps, x.text, users, phase_hook=phase_hook,
+                                    **x.cond)
+            ref = None
     hook = phase_hook or (lambda phase, event: None)
     hook("loss", "start")
 
@@ -136,11 +165,12 @@ def micro_step_loss(model, batch: dict, draws: PairDraws, user_embeds: torch.Ten
     # fp32 for all three: the target (the drawn noise) is exact in fp32 and rounding it to bf16 to
     # match the autocast predictions would perturb every per-sample MSE; the upcast is tiny next to
     # the UNet passes.
-    policy, ref, target = policy.float(), ref.float(), target.float()
+    policy, target = policy.float(), target.float()
+    ref = None if ref is None else ref.float()
     # The per-batch tensors the losses declare (kto: labels, each winner desirable, each loser not).
     kw.update(loss_inputs(names, b, device))
     out = preference_loss(names if len(names) > 1 else names[0], policy, ref, target,
-                          beta=beta, weight=weight, loss_weights=loss_weights or None, **kw)
+                          beta=beta, weight=weight, loss_weights=loss_weights or None, ref_mse=ref_mse, **kw)
     stats = StepStats(
         loss=out.loss.detach(),
         implicit_acc=out.implicit_acc.detach().float(),

@@ -21,6 +21,8 @@ from torch import nn
 from ppd_engine.config import Config, config_to_dict, save_config
 from ppd_engine.integrity import CorruptFileError
 from ppd_engine.training import checkpoint as ckpt
+from ppd_engine.training import reference
+from ppd_engine.training.activation_checkpointing import enable_checkpointing, unsave_frozen_conv_inputs
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
 from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
@@ -108,6 +110,7 @@ class Trainer:
         self._restore(state)
         self._prepare_conditioning()
         self._prepare_run_folder()
+        self._prepare_reference()
 
     # -- setup, one named step each -------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -151,8 +154,11 @@ class Trainer:
                                           dtype=torch.float32)
         if self.env.is_main:
             warn_if_not_exportable(unet)
+        unsave_frozen_conv_inputs(unet)
         if t.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            enable_checkpointing(unet, t.checkpoint_policy)
+        if t.compile:
+            unet.compile()  # in place: the policy steps and the reference pass both call the compiled module
 
     def _read_resume_state(self) -> dict | None:
         """The checkpoint to resume from (checkpoint.resume) and its adapters; None for a fresh run."""
@@ -249,6 +255,24 @@ class Trainer:
                     "sharded" if self.sharded else "replicated", self.total_steps, t.pairs_per_step,
                     self.accum, t.micro_batch)
 
+    def _prepare_reference(self) -> None:
+        """train.reference=cached: every step's reference MSEs, read or computed once, before the first
+        step (training/reference.py); None = the reference runs online in each step."""
+        t = self.cfg.train
+        self.reference: reference.ReferenceTable | None = None
+        if t.reference != "cached":
+            return
+        why = reference.invalid_reason(t.paired_strategy, self.cfg.loss.name, self.model.unet, self.adapters)
+        if why:
+            logger.info("train.reference=cached is not valid for this run (%s); running the reference online", why)
+            return
+        self.reference = reference.load_or_compute(
+            model=self.model, adapters=self.adapters, dataset=self.dataset, order=self.order,
+            total_steps=self.total_steps, seed=t.seed, empty_caption_prob=t.empty_caption_prob,
+            empty_text=self.empty_text, empty_pooled=self.empty_pooled, mixed_precision=t.mixed_precision,
+            autocast_dtype=self.autocast, env=self.env, folder=t.reference_dir or self.run_dir.parent / "reference",
+            batch_pairs=t.reference_batch or t.micro_batch, slot_groups=self.slots, inference_mode=not self.sharded)
+
     def _check_resumable(self, state: dict) -> None:
         t = self.cfg.train
         if state.get("data_items") != len(self.dataset):
@@ -290,7 +314,8 @@ class Trainer:
                 beta=official_beta(cfg.loss.beta, cfg.loss.beta_units, self.model.num_train_timesteps),
                 weighting=cfg.loss.weighting, snr_gamma=cfg.loss.snr_gamma,
                 loss_options=cfg.loss.options, loss_weights=cfg.loss.weights or None, strategy=t.paired_strategy,
-                autocast_dtype=self.autocast)
+                autocast_dtype=self.autocast,
+                ref_mse=None if self.reference is None else self.reference.lookup(self.step, slots))
             (loss * (self.scaler.scale / self.accum)).backward()
             stat_names = [f.name for f in dataclasses.fields(st)]
             row = torch.stack([getattr(st, n).detach().reshape(()).double() for n in stat_names])
