@@ -50,7 +50,7 @@ def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: in
     """Work items for every (user, chunk) the store does not hold yet (a rerun resumes)."""
     items, done, partial = [], 0, 0
     for user in sorted(shots):
-        have = store.get(user).shape[0] if user in store else 0
+        have = store.count(user)
         groups = user_chunks(by_user[user], shots[user], n_shots, k, seed, user)
         todo = [WorkItem(user, c, g) for c, g in enumerate(groups) if c >= have]
         if not todo:
@@ -65,10 +65,9 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
                 store: EmbeddingStore, *, batch_users: int, seed: int, model_id: str,
                 save_every: int = 8, progress: bool = True) -> dict:
     """Generate profiles and embeddings for `items` in batches of `batch_users` rows and append
-    them to `store` every `save_every` batches and at the end (each save rewrites the whole file,
-    so saving after every batch would cost quadratic I/O on big runs; a crash loses at most the
-    unsaved batches, which a rerun redoes). Items whose images cannot be decoded are skipped and
-    counted. Returns counts and throughput."""
+    them to `store` every `save_every` batches and at the end (each save writes one new shard; a
+    crash loses at most the unsaved batches, which a rerun redoes). Items whose images cannot be
+    decoded are skipped and counted. Returns counts and throughput."""
     from tqdm.auto import tqdm
 
     settings = generator.settings
