@@ -373,7 +373,8 @@ class Trainer:
 
     # -- samples -------------------------------------------------------------------------------
     def write_samples(self, metrics: MetricsLogger) -> Path | None:
-        """A grid (rows: fixed users + the zero embedding; columns: log.sample_prompts) at this step.
+        """A grid (rows: the base model, fixed users, the zero embedding; columns: log.sample_prompts) at
+        this step; latent models decode through their VAE at the latent resolution.
 
         Needs `ppd_engine.sampling.generate`; without it the grid is skipped with a warning."""
         try:
@@ -396,8 +397,11 @@ class Trainer:
         was_training = self.model.unet.training
         self.model.unet.eval()
         with torch.no_grad():
-            images = generate(self.model, prompts * len(rows), embeds, seeds, steps=lc.sample_steps,
-                              guidance=lc.sample_guidance)
+            # The base model's row first (user branch off, same seeds): each column shows what the adapters add.
+            base = generate(self.model, prompts, None, seeds[:len(prompts)], steps=lc.sample_steps,
+                            guidance=lc.sample_guidance)
+            images = torch.cat([base, generate(self.model, prompts * len(rows), embeds, seeds, steps=lc.sample_steps,
+                                               guidance=lc.sample_guidance)])
         self.model.unet.train(was_training)
         if not self.env.is_main:
             return None
