@@ -97,3 +97,32 @@ def test_generations_without_a_profile_are_retried_then_failed(tmp_path):
     assert [n for n, _ in gen.calls] == [3, 1, 1] and len({s for _, s in gen.calls}) == 3
     assert EmbeddingStore(store.path).users() == ["a", "c"]
     assert store.profile("c") == "**User Profile:** blue" and store.meta("c")[0]["user_profile"] == "blue"
+
+
+def test_multi_image_prompts_are_padded_not_tiled(setup):
+    """The authors ran LLaVA-OneVision with image_aspect_ratio="pad" (~729 tokens per 384 px image);
+    transformers tiles "anyres" (~3.7k tokens) only prompts with ONE image. A profile prompt holds
+    2 x shots images, so each image must cost exactly num_image_tokens + 1 (its newline) tokens,
+    whatever its size and aspect: this pins that a transformers upgrade did not start tiling them."""
+    import numpy as np
+    from PIL import Image
+
+    from ppd_engine.embed.generate import GenerationSettings, VLMGenerator
+    from ppd_engine.embed.vlm import load_vlm
+
+    model, processor = load_vlm(setup[0])
+    gen = VLMGenerator(model, processor, GenerationSettings(max_new_tokens=1))
+    rng = np.random.default_rng(0)
+
+    def shots(sizes):
+        return [SimpleNamespace(caption=f"c{i}", uid_w=f"w{i}", uid_l=f"l{i}",
+                                image_w=Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
+                                image_l=Image.fromarray(rng.integers(0, 255, (w, h, 3), dtype=np.uint8)))
+                for i, (w, h) in enumerate(sizes)]
+
+    per_image = processor.num_image_tokens + 1
+    for sizes in ([(40, 30), (64, 20)], [(300, 900)] * 2):
+        batch = gen.encode([ProfileTemplate().render(shots(sizes))])
+        n_image_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
+        assert n_image_tokens == 2 * len(sizes) * per_image, (sizes, n_image_tokens)
+        assert batch["batch_num_images"].tolist() == [2 * len(sizes)]

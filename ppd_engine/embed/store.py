@@ -100,10 +100,13 @@ class EmbeddingStore:
         """How many embeddings `user_id` has (0 when absent), without reading them."""
         return sum(k for _, k, _, _ in self._where.get(user_id, []))
 
-    def get(self, user_id: str) -> torch.Tensor:
-        """(K, T_in, Du) embeddings of `user_id`, read on first use; non-finite values are refused."""
+    def _require(self, user_id: str) -> None:
         if user_id not in self._where:
             raise KeyError(f"user {user_id!r} is not in the store {self.path} ({len(self)} users)")
+
+    def get(self, user_id: str) -> torch.Tensor:
+        """(K, T_in, Du) embeddings of `user_id`, read on first use; non-finite values are refused."""
+        self._require(user_id)
         t = self._tensors.get(user_id)
         if t is None:
             from safetensors import safe_open
@@ -133,8 +136,7 @@ class EmbeddingStore:
 
     def meta(self, user_id: str) -> list[dict]:
         """One metadata record per stored embedding of `user_id` (same order as get(user_id))."""
-        if user_id not in self._where:
-            raise KeyError(f"user {user_id!r} is not in the store {self.path} ({len(self)} users)")
+        self._require(user_id)
         m = self._meta.get(user_id)
         if m is None:
             m = []
