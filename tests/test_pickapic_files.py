@@ -180,3 +180,27 @@ def test_loading_the_index_does_not_grow_with_image_bytes(tmp_path):
     # what reading the index of 320 MB of JPEGs costs at its worst moment.
     assert m["peak"] - m["before"] < 64 << 20, m
     assert m["delta"] < 64 << 20, m
+
+
+def test_verify_pass_with_workers_is_remembered(tmp_path, monkeypatch):
+    from ppd_engine.data import verify
+
+    folder = str(tmp_path / "d")
+    expected = write_pickapic_fixture(folder, seed=3)
+    memo = str(tmp_path / "verified.json")
+    index = load_pairs(folder, load_images=False, progress=False)
+    bad = verify.find_corrupt(index, workers=2, memo=memo, progress=False)
+    # The same drops as decoding while loading, from the index plus the verify pass.
+    assert index.drop_corrupt(bad, 4).stats == expected
+    # A second command over the same files decodes nothing.
+    monkeypatch.setattr(verify, "_decode", lambda *a, **k: pytest.fail("decoded again"))
+    assert verify.find_corrupt(load_pairs(folder, load_images=False, progress=False), memo=memo, progress=False) == bad
+    # Another file at the same path is another answer.
+    monkeypatch.undo()
+    write_pickapic_fixture(folder, seed=4)
+    os.utime(os.path.join(folder, "data", "train-00000-of-00002.parquet"), ns=(1, 1))
+    calls = []
+    real = verify._decode
+    monkeypatch.setattr(verify, "_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    verify.find_corrupt(load_pairs(folder, load_images=False, progress=False), memo=memo, progress=False)
+    assert calls

@@ -112,6 +112,31 @@ class PickAPicPairs:
             groups[r.user_id].append(r)
         return {u: groups[u] for u in sorted(groups)}
 
+    def drop_corrupt(self, bad_uids: set[str], min_pairs_per_user: int) -> "PickAPicPairs":
+        """Remove pairs that use an image in `bad_uids` (counted per image and per row), then users
+        left with fewer than `min_pairs_per_user` pairs; updates `stats` in place. Returns self."""
+        if not bad_uids:
+            return self
+        s = self.stats
+        before = Counter(r.user_id for r in self.records)
+        kept = []
+        for r in self.records:
+            n_bad = (r.uid_w in bad_uids) + (r.uid_l in bad_uids)
+            s["corrupt_images"] += n_bad
+            if n_bad:
+                s["corrupt_rows_dropped"] += 1
+            else:
+                kept.append(r)
+        log.warning("%d corrupt image(s) skipped (first uids: %s)", s["corrupt_images"], sorted(bad_uids)[:_LOGGED_CORRUPT])
+        counts = Counter(r.user_id for r in kept)
+        few = {u for u, n in counts.items() if n < min_pairs_per_user} | (set(before) - set(counts))
+        s["pairs_dropped_few_pairs"] += sum(counts[u] for u in few)
+        s["users_dropped_few_pairs"] += len(few)
+        self.records = [r for r in kept if r.user_id not in few]
+        s["kept"] = len(self.records)
+        s["users_kept"] = len({r.user_id for r in self.records})
+        return self
+
     def image_reader(self) -> "PairImageReader":
         """A picklable reader of these records' JPEG bytes (reopens files in each process)."""
         return PairImageReader(self.sources, self._tables)
@@ -497,12 +522,17 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
     pairs = PickAPicPairs(records=records, sources=[s.name for s in sources],
                           _tables={s.name: s.table for s in sources if isinstance(s, _TableSource)})
 
-    late_few: set[str] = set()
+    stats["users_dropped_few_pairs"] = len(few_users)
+    stats["kept"] = len(records)
+    stats["users_kept"] = len({r.user_id for r in records})
+    stats["files"] = len(sources)
+    stats.setdefault("users_dropped_max_users", 0)
+    stats.setdefault("pairs_dropped_max_users", 0)
+    pairs.stats = dict(stats)
     if load_images:
         # Pass 2: JPEG bytes of surviving rows only.
-        corrupt_uids: list[str] = []
+        bad: set[str] = set()
         check = decode_images or verify_images
-        kept = []
         with tqdm(total=len(records), desc="Pick-a-Pic images", unit="pair", disable=not progress) as bar:
             for rec, b_w, b_l in pairs.image_reader().iter_pairs(records):
                 pair = []
@@ -511,33 +541,13 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
                         pair.append(_decode(data, decode_images) if check else bytes(data))
                     # Untrusted bytes: any decoder failure means "corrupt", never a crash.
                     except Exception as e:  # noqa: BLE001
-                        stats["corrupt_images"] += 1
-                        if len(corrupt_uids) < _LOGGED_CORRUPT:
+                        if len(bad) < _LOGGED_CORRUPT:
                             log.warning("skipping corrupt image %s in %s: %s", uid, sources[rec.source].name, e)
-                            corrupt_uids.append(uid)
-                if len(pair) == 2:
-                    rec.image_w, rec.image_l = pair
-                    kept.append(rec)
-                else:
-                    stats["corrupt_rows_dropped"] += 1
+                        bad.add(uid)
+                        pair.append(None)
+                rec.image_w, rec.image_l = pair
                 bar.update(1)
-        if corrupt_uids:
-            log.warning("%d corrupt image(s) skipped (first uids: %s)", stats["corrupt_images"], corrupt_uids)
-        keep_ids = {id(r) for r in kept}
-        records = [r for r in records if id(r) in keep_ids]
-        # Users that fell below the threshold because of corrupt images.
-        counts = Counter(r.user_id for r in records)
-        late_few = {u for u, n in counts.items() if n < min_pairs_per_user} | (eligible - set(counts))
-        stats["pairs_dropped_few_pairs"] += sum(counts[u] for u in late_few)
-        records = [r for r in records if r.user_id not in late_few]
-    stats["users_dropped_few_pairs"] = len(few_users) + len(late_few)
-    pairs.records = records
-    stats["kept"] = len(records)
-    stats["users_kept"] = len({r.user_id for r in records})
-    stats["files"] = len(sources)
-    stats.setdefault("users_dropped_max_users", 0)
-    stats.setdefault("pairs_dropped_max_users", 0)
-    pairs.stats = dict(stats)
+        pairs.drop_corrupt(bad, min_pairs_per_user)
     log.info("%s", format_stats(pairs.stats))
     return pairs
 
