@@ -69,7 +69,7 @@ class _Scripted:
 
     def __init__(self, texts):
         self.texts, self.calls = list(texts), []
-        self.settings = SimpleNamespace(compile=False, greedy=False, as_meta=lambda: {})
+        self.settings = SimpleNamespace(compile=False, greedy=False, max_new_tokens=64, as_meta=lambda: {})
 
     def generate(self, prompts, seed=None, pad_batch_to=None):
         self.calls.append((len(prompts), seed))
