@@ -103,12 +103,16 @@ def _free_port() -> int:
 def _worker(rank, world, port, sd15_dir, data_dir, cache):
     import torch.distributed as dist
 
+    from ppd_engine.training.distributed import DistEnv, key_barrier
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         lazy = load_pairs(data_dir, load_images=False, progress=False)
+        env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
         build_cache(load_diffusion_model("sd15", sd15_dir), lazy.records, cache, batch_size=4, shard_bytes=20_000,
-                    progress=False, images=lazy.image_reader(), rank=rank, world_size=world, barrier=dist.barrier)
+                    progress=False, images=lazy.image_reader(), rank=rank, world_size=world,
+                    barrier=key_barrier(env, "cache"))
     finally:
         dist.destroy_process_group()
 

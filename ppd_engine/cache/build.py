@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                                        resolve_device)
     from ppd_engine.data.pickapic import format_stats, load_pairs
     from ppd_engine.models import load_diffusion_model
-    from ppd_engine.training.distributed import barrier, init_distributed
+    from ppd_engine.training.distributed import init_distributed, key_barrier
 
     p = argparse.ArgumentParser(prog="python -m ppd_engine.cache.build",
                                 description="Encode Pick-a-Pic images (VAE) and captions (text encoders) once "
@@ -423,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     add_debug(p)
     p.add_argument("--batch-size", type=int, default=16, help="images / captions per encoder call")
     p.add_argument("--workers", type=int, default=4, help="DataLoader processes that read, decode and crop images")
-    p.add_argument("--timeout-min", type=int, default=24 * 60,
-                   help="process-group timeout under torchrun (the build's barriers wait for the slowest rank)")
     p.add_argument("--shard-mb", type=int, default=256, help="approximate shard size in MiB")
     p.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a cache built with other settings")
     args = p.parse_args(argv)
@@ -435,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     # The index only: each rank reads the bytes of its own slice, row group by row group.
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, max_users=args.max_users,
                        split=args.split, load_images=False, progress=args.progress)
-    env = init_distributed(resolve_device(args.device), "auto", args.timeout_min * 60)
+    env = init_distributed(resolve_device(args.device), "auto")
     if env.is_main:
         print(format_stats(pairs.stats))
     model = load_diffusion_model(args.family, args.pretrained, dtype=torch_dtype(args.model_dtype), device=env.device)
@@ -443,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                          dtype=args.dtype, batch_size=args.batch_size, shard_bytes=args.shard_mb << 20,
                          on_mismatch="raise" if args.no_rebuild else "rebuild", progress=args.progress,
                          images=pairs.image_reader(), num_workers=args.workers, rank=env.rank,
-                         world_size=env.world_size, barrier=lambda: barrier(env))
+                         world_size=env.world_size, barrier=key_barrier(env, "cache"))
     print(report.summary())
     if env.initialized_here:
         torch.distributed.destroy_process_group()

@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, v in (("--shots", args.shots), ("--chunks", args.chunks), ("--batch-users", args.batch_users)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
-    from ppd_engine.training.distributed import barrier, init_distributed
+    from ppd_engine.training.distributed import init_distributed, key_barrier
 
     # Under torchrun every rank embeds users[rank::world] into its own shards (writer r<rank>).
-    env = init_distributed(resolve_device(args.device), "auto", 24 * 3600)
+    env = init_distributed(resolve_device(args.device), "auto")
     device = str(env.device)
     dtype = device_dtype(args.dtype, device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  model_id=args.model, save_every=args.save_every, progress=args.progress,
                                  require_profile=not args.keep_without_profile, retries=args.retries))
         stats["wall_seconds"] = time.perf_counter() - t0
-    barrier(env)
+    key_barrier(env, "embed")()   # ranks finish hours apart: wait on store keys, not a timed collective
     print(summary(stats, EmbeddingStore(args.out), args))
     if env.initialized_here:
         import torch.distributed as dist
