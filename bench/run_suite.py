@@ -29,6 +29,7 @@ SUITE = [
     ("bench.bench_dual_attention", ["--quick"], [], 300),
     ("bench.bench_train_step", ["--arch", "small"], ["--arch", "sd15"], 600),
     ("bench.bench_embed", [], [], 300),
+    ("bench.bench_data", [], [], 300),
 ]
 
 

@@ -171,7 +171,7 @@ def test_resume_encodes_only_what_is_missing(tmp_path, sd15, pairs):
     part, full = pairs.records[:3], pairs.records[:7]
     build_cache(model, part, cache, progress=False)
     # A shard left behind by a killed build (written, not yet in the index) is overwritten, not read.
-    open(os.path.join(cache, "latents-00001.safetensors"), "wb").write(b"partial")
+    open(os.path.join(cache, "latents-r000-00001.safetensors"), "wb").write(b"partial")
     report = build_cache(model, full, cache, progress=False)
     assert report.images_reused == len(_uids(part))
     assert report.images_encoded == len(_uids(full) - _uids(part))
@@ -226,7 +226,8 @@ def test_cli_builds_the_cache(tmp_path, pipes, data_dir, capsys):
     assert main(["--family", "sd15", "--pretrained", pipes["sd15"], "--data", data_dir, "--cache-dir", cache,
                  "--no-flip", "--batch-size", "7"]) == 0
     out = capsys.readouterr().out
-    assert "15 pairs from 3 users" in out and "30 images encoded" in out
+    # The CLI reads the index only; the 4 corrupt images are found (and skipped) as the build decodes them.
+    assert "20 pairs from 4 users" in out and "36 images encoded" in out and "4 failed to decode" in out
     assert len(PairCacheDataset(cache, load_pairs(data_dir, decode_images=False, progress=False).records)) == 15
     with pytest.raises(SystemExit):
         main(["--help"])

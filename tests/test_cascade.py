@@ -199,9 +199,10 @@ def test_cascade_pickapic_cli_trains_resumes_bitwise_and_samples(tmp_path):
                  "log.sample_every=3", "log.sample_steps=2", "log.sample_users=1", "log.sample_prompts=[a cat]"]) == 0
     from PIL import Image
 
-    # The training sample grid through prior + Stage B: 1 user + the zero embedding, 16 px images, 2 px gaps.
+    # The training sample grid through prior + Stage B: the base model, 1 user and the zero embedding,
+    # 16 px images, 2 px gaps.
     with Image.open(full / "samples" / "step-3.png") as im:
-        assert im.size == (18 + 2, 2 * 18 + 2) and im.mode == "RGB"
+        assert im.size == (18 + 2, 3 * 18 + 2) and im.mode == "RGB"
     meta = read_index(str(tmp_path / "cache"))["meta"]
     assert meta["family"] == "cascade" and meta["vae_config"]["class"] == "EfficientNetEncoder"
     rows = _rows(full)

@@ -19,7 +19,8 @@ def _store_from_shots(data, path, seed=0):
     from ppd_engine.data.pickapic import load_pairs
     from ppd_engine.embed.store import EmbeddingStore
 
-    shots, _ = load_pairs(str(data), progress=False).few_shot_split(n_shots=4, seed=seed)
+    # The pair index, as embed and the world read it (corrupt JPEGs are found later, as they decode).
+    shots, _ = load_pairs(str(data), load_images=False, progress=False).few_shot_split(n_shots=4, seed=seed)
     store = EmbeddingStore(str(path))
     g = torch.Generator().manual_seed(0)
     items = []
@@ -63,7 +64,7 @@ def test_eval_base_ppd_dpo_prompted_over_seen_and_unseen_users(tmp_path):
     users = json.loads((tmp_path / "ppd" / "users.json").read_text())["users"]
     roles = {u: i["role"] for u, i in users.items()}
     assert set(roles.values()) == {"seen", "unseen"}
-    train_keys = {(r.uid_w, r.uid_l) for r in load_pairs(str(data), progress=False).few_shot_split(4, 0)[1]}
+    train_keys = {(r.uid_w, r.uid_l) for r in load_pairs(str(data), load_images=False, progress=False).few_shot_split(4, 0)[1]}
     for u, info in users.items():
         keys = {(s["uid_w"], s["uid_l"]) for s in info["shots"]}
         assert keys == {(r.uid_w, r.uid_l) for r in shots[u]} and not keys & train_keys

@@ -14,7 +14,8 @@ from PIL import Image
 from ppd_engine.data.pickapic import REQUIRED_COLUMNS, load_pairs
 from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
 
-DROP_KEYS = ("ties_dropped", "not_different_dropped", "unlabeled_dropped", "missing_fields_dropped",
+DROP_KEYS = ("ties_dropped", "not_different_dropped", "unlabeled_dropped", "nonfinite_label_dropped",
+             "missing_fields_dropped",
              "corrupt_rows_dropped", "pairs_dropped_few_pairs", "pairs_dropped_max_users")
 
 
@@ -107,7 +108,7 @@ def test_missing_column_names_column_and_file(tmp_path, fixture_dir):
 def test_missing_folder_and_split(tmp_path, fixture_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pairs(str(tmp_path / "nope"), progress=False)
-    with pytest.raises(FileNotFoundError, match="validation-"):
+    with pytest.raises(FileNotFoundError, match="validation"):
         load_pairs(fixture_dir[0], split="validation", progress=False)
     assert load_pairs(fixture_dir[0], split="train", progress=False).stats["kept"] == 15
 

@@ -29,9 +29,10 @@ def test_round_trip_and_meta(tmp_path):
         assert again.meta(u)[0]["model"] == "tiny"
         assert again.profile(u, e.shape[0] - 1) == f"{u} likes {e.shape[0] - 1}"
     assert set(again.as_mapping()) == set(data)
-    side = json.loads(open(str(tmp_path / "s" / "users.json")).read())
-    assert side["users"]["u3"]["k"] == 2
-    assert side["users"]["u3"]["embeddings"][1]["shots"][0]["uid_w"] == "w1"
+    # Metadata lives in jsonl beside the tensors, readable by people and tools.
+    lines = [json.loads(l) for f in sorted(os.listdir(path)) if f.endswith(".jsonl") for l in open(os.path.join(path, f))]
+    u3 = next(l for l in lines if l["user"] == "u3")
+    assert len(u3["records"]) == 2 and u3["records"][1]["shots"][0]["uid_w"] == "w1"
 
 
 def test_append_existing_user_keeps_everything(tmp_path):
@@ -63,7 +64,8 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         s.append("u2", _rand(1), {"obj": object()})
     with pytest.raises(KeyError, match="nobody"):
         s.get("nobody")
-    with pytest.raises(ValueError, match=".safetensors"):
+    (tmp_path / "users.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not a user-embedding store"):
         EmbeddingStore(str(tmp_path / "users.pt"))
     # a failed append changes nothing, in memory or on disk
     assert s.users() == ["u1"] and EmbeddingStore(s.path).users() == ["u1"]
@@ -86,13 +88,12 @@ def test_crash_during_write_leaves_old_store(tmp_path, monkeypatch):
     monkeypatch.undo()
     s = EmbeddingStore(path)
     assert s.users() == ["u1"] and torch.equal(s.get("u1"), first)
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    assert not [f for f in os.listdir(path) if ".tmp" in f]
 
 
-def test_foreign_safetensors_rejected(tmp_path):
+def test_foreign_folder_rejected(tmp_path):
     from safetensors.torch import save_file
 
-    path = str(tmp_path / "other.safetensors")
-    save_file({"w": torch.randn(2, 2)}, path)
+    save_file({"w": torch.randn(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a user-embedding store"):
-        EmbeddingStore(path)
+        EmbeddingStore(str(tmp_path))

@@ -104,7 +104,7 @@ def test_training_logs_to_tensorboard_and_offline_wandb(tmp_path, monkeypatch):
     assert [e.step for e in loss] == [1, 2] and loss[0].value == pytest.approx(0.6931, abs=1e-3)
     assert [e.value for e in tb.Scalars("train/lr")] == pytest.approx([3e-4, 3e-4])
     (img,) = tb.Images("samples")
-    assert img.step == 2 and (img.width, img.height) == (36, 70)  # 1 prompt x (1 user + zero row), 2 px padding
+    assert img.step == 2 and (img.width, img.height) == (36, 104)  # 1 prompt x (base + 1 user + zero row), 2 px padding
     start = tb.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # TensorBoard's HParams tab
     assert b"optim.lr" in start and b"log.report_to" in start
     assert "optim.lr: 0.0003" in tb.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()

@@ -68,9 +68,10 @@ def test_few_steps_on_tiny_pipelines(family, tmp_path):
     assert os.path.isfile(tmp_path / "config.yaml") and any((tmp_path / "tb").iterdir())
     from PIL import Image
 
-    # Sample grid: rows = 2 users + the zero embedding, columns = 2 prompts, 32 px images, 2 px gaps.
+    # Sample grid: rows = the base model + 2 users + the zero embedding, columns = 2 prompts, 32 px
+    # images, 2 px gaps.
     with Image.open(tmp_path / "samples" / "step-3.png") as im:
-        assert im.size == (2 * 34 + 2, 3 * 34 + 2)
+        assert im.size == (2 * 34 + 2, 4 * 34 + 2)
 
 
 def test_step_shares_t_and_noise_and_applies_dropouts(monkeypatch):

@@ -43,10 +43,11 @@ class PairCacheDataset(Dataset):
         self.flip = bool(flip and self.reader.meta.get("flip", False))
         self.seed = seed
         self.epoch = 0
-        keys = self.reader.keys()
+        records = list(records)
+        found = self.reader.contains([k for r in records for k in (r.uid_w, r.uid_l, caption_key(r.caption))])
+        ok = found.reshape(-1, 3).all(1) if len(records) else found
         # Only ids are kept, so the caller can free the records' images once the cache is built.
-        self.pairs = [_Pair(r.caption, r.uid_w, r.uid_l, r.user_id, r.pair_id) for r in records
-                      if r.uid_w in keys and r.uid_l in keys and caption_key(r.caption) in keys]
+        self.pairs = [_Pair(r.caption, r.uid_w, r.uid_l, r.user_id, r.pair_id) for r, keep in zip(records, ok) if keep]
         self.missing = len(records) - len(self.pairs)
         if self.missing:
             log.warning("PairCacheDataset: %d of %d pairs are not in the cache %s (images that failed to "

@@ -2,9 +2,10 @@
 
 cache_dir/
   index.json                  {"format", "fingerprint", "meta", "latent_shards", "text_shards", "failed_images"}
-  latents-00000.safetensors   "<uid>" (C, h, w), "<uid>#flip" (C, h, w) when flips are cached,
-                              "<uid>#time_ids" (6,) float32 (orig h, w, crop top, left, target h, w)
-  texts-00000.safetensors     "<sha256(caption)[:32]>" (T, D), "<hash>#pooled" (D2,) for SDXL
+  latents-r000-00000.safetensors  "<uid>" (C, h, w), "<uid>#flip" (C, h, w) when flips are cached,
+                              "<uid>#time_ids" (6,) float32 (orig h, w, crop top, left, target h, w), SDXL only
+  texts-r000-00000.safetensors    "<sha256(caption)[:32]>" (T, D), "<hash>#pooled" (D2,) for SDXL
+  index-rank<r>.json          shards rank r wrote during a build not yet merged into index.json
 
 Every shard also carries the fingerprint in its safetensors metadata. The index lists shards only;
 which keys a shard holds is read from the shard headers, so the index stays small and is cheap to
@@ -14,10 +15,12 @@ killed build leaves a consistent cache that the next build extends.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -28,6 +31,7 @@ FORMAT = 1
 FLIP = "#flip"
 TIME_IDS = "#time_ids"
 POOLED = "#pooled"
+PART_GLOB = "index-rank*.json"
 
 
 def caption_key(caption: str) -> str:
@@ -65,6 +69,33 @@ def write_index(cache_dir: str, index: dict) -> None:
     _atomic_json(os.path.join(cache_dir, INDEX), index)
 
 
+def write_part(cache_dir: str, rank: int, part: dict) -> None:
+    _atomic_json(os.path.join(cache_dir, f"index-rank{rank}.json"), part)
+
+
+def merge_parts(cache_dir: str) -> None:
+    """Fold every rank's part into index.json (parts of another fingerprint are stale: dropped)."""
+    paths = sorted(glob.glob(os.path.join(cache_dir, PART_GLOB)))
+    if not paths:
+        return
+    index = read_index(cache_dir)
+    for p in paths:
+        with open(p) as f:
+            part = json.load(f)
+        if part.get("fingerprint") == index["fingerprint"]:
+            for kind in ("latent_shards", "text_shards", "failed_images"):
+                index[kind] += [x for x in part[kind] if x not in index[kind]]
+    write_index(cache_dir, index)
+    for p in paths:
+        os.unlink(p)
+
+
+def key_hash(keys) -> np.ndarray:
+    """64-bit hashes of cache keys (the reader's compact lookup table holds these, not the strings)."""
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+                    dtype=np.uint64)
+
+
 def shard_keys(path: str) -> list[str]:
     with safe_open(path, framework="pt", device="cpu") as f:
         return list(f.keys())
@@ -87,7 +118,10 @@ class CacheReader:
         self.index = index
         self.meta = index["meta"]
         self.fingerprint = index["fingerprint"]
-        self._where: dict[str, tuple[str, int]] | None = None
+        self._shards = [("latent_shards", i) for i in range(len(index["latent_shards"]))] + \
+                       [("text_shards", i) for i in range(len(index["text_shards"]))]
+        self._hashes: np.ndarray | None = None   # sorted 64-bit key hashes
+        self._shard_of: np.ndarray | None = None  # shard number of each hash
         self._handles: dict[tuple[str, int], object] = {}
 
     def __getstate__(self):
@@ -95,32 +129,51 @@ class CacheReader:
         state["_handles"] = {}
         return state
 
-    def _locate(self) -> dict[str, tuple[str, int]]:
-        if self._where is None:
-            where = {}
-            for kind in ("latent_shards", "text_shards"):
-                for i, name in enumerate(self.index[kind]):
-                    path = os.path.join(self.cache_dir, name)
-                    with safe_open(path, framework="pt", device="cpu") as f:
-                        if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
-                            raise CacheMismatchError(f"shard {path!r} belongs to another cache build "
-                                                     f"(fingerprint differs from {INDEX}); rebuild the cache")
-                        for k in f.keys():
-                            where[k] = (kind, i)
-            self._where = where
-        return self._where
+    def _locate(self) -> None:
+        """Build the lookup table: ~10 bytes per key (sorted hashes + shard numbers), not a dict of
+        strings, so every rank of a big run can hold it (a full Pick-a-Pic cache has ~5.7M keys)."""
+        if self._hashes is not None:
+            return
+        hashes, owners = [], []
+        for n, (kind, i) in enumerate(self._shards):
+            path = os.path.join(self.cache_dir, self.index[kind][i])
+            with safe_open(path, framework="pt", device="cpu") as f:
+                if (f.metadata() or {}).get("fingerprint") != self.fingerprint:
+                    raise CacheMismatchError(f"shard {path!r} belongs to another cache build "
+                                             f"(fingerprint differs from {INDEX}); rebuild the cache")
+                h = key_hash(f.keys())
+            hashes.append(h)
+            owners.append(np.full(len(h), n, dtype=np.int32))
+        h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        o = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+        order = np.argsort(h, kind="stable")
+        self._hashes, self._shard_of = h[order], o[order]
+
+    def _find(self, hashes: np.ndarray) -> np.ndarray:
+        """Shard numbers of `hashes`, -1 where absent."""
+        self._locate()
+        pos = np.searchsorted(self._hashes, hashes)
+        pos_c = np.minimum(pos, max(len(self._hashes) - 1, 0))
+        hit = (pos < len(self._hashes)) & (self._hashes[pos_c] == hashes) if len(self._hashes) else np.zeros(len(hashes), bool)
+        return np.where(hit, self._shard_of[pos_c] if len(self._hashes) else -1, -1)
+
+    def contains(self, keys: list[str]) -> np.ndarray:
+        """Boolean array: which of `keys` are in the cache (one vectorised lookup)."""
+        return self._find(key_hash(keys)) >= 0
 
     def __contains__(self, key: str) -> bool:
-        return key in self._locate()
+        return bool(self.contains([key])[0])
 
-    def keys(self) -> set[str]:
-        return set(self._locate())
+    def __len__(self) -> int:
+        self._locate()
+        return len(self._hashes)
 
     def get(self, key: str) -> torch.Tensor:
         """The stored tensor for `key` (in the cache's storage dtype)."""
-        loc = self._locate().get(key)
-        if loc is None:
+        n = int(self._find(key_hash([key]))[0])
+        if n < 0:
             raise KeyError(f"{key!r} is not in the cache at {self.cache_dir!r}")
+        loc = self._shards[n]
         handle = self._handles.get(loc)
         if handle is None:
             handle = safe_open(os.path.join(self.cache_dir, self.index[loc[0]][loc[1]]), framework="pt", device="cpu")
@@ -128,7 +181,7 @@ class CacheReader:
         return handle.get_tensor(key)
 
     def has_image(self, uid: str) -> bool:
-        return uid in self._locate()
+        return uid in self
 
     def latents(self, uid: str, flipped: bool = False) -> torch.Tensor:
         return self.get(uid + FLIP if flipped else uid)
@@ -138,5 +191,5 @@ class CacheReader:
 
     def text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = caption_key(caption)
-        pooled = self.get(key + POOLED) if key + POOLED in self._locate() else None
+        pooled = self.get(key + POOLED) if key + POOLED in self else None
         return self.get(key), pooled

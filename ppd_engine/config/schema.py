@@ -71,7 +71,12 @@ class DataConfig:
     n_shots: int = _f(4, "few-shot pairs per user that build its embedding; held out of its training pairs")
     unseen_fraction: float = _f(0.1, "fraction of users held out entirely (never trained on)")
     split_seed: int = _f(0, "seed of the few-shot and seen/unseen splits")
-    embeddings: str = _f("", "EmbeddingStore .safetensors with user_id -> (K, T_in, Du) few-shot embeddings")
+    embeddings: str = _f("", "user-embedding store folder (python -m ppd_engine.embed) with user_id -> (K, T_in, Du)")
+    split: str = _f("train", "Pick-a-Pic split trained on (hub files <split>-NNNNN-of-NNNNN-*.parquet): train | "
+                             "validation | test | validation_unique | test_unique")
+    workers: int = _f(0, "DataLoader processes reading training items ahead of the step (0 = in the training "
+                         "process; 4-8 on real runs)")
+    prefetch: int = _f(2, "steps each data.workers process reads ahead")
 
 
 @dataclass

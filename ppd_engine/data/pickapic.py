@@ -1,15 +1,30 @@
 """Pick-a-Pic v2 preference pairs, read from the dataset's own parquet layout.
 
-`load_pairs(folder)` reads every *.parquet under `folder` (the hub layout is data/train-*.parquet,
-data/validation-*.parquet, ...; `split=` picks one) with pyarrow, in two passes so a big shard never
-loads whole and JPEG bytes are read only for rows that survive filtering:
+`load_pairs(folder, split=...)` reads the *.parquet files of one split under `folder` (the hub
+layout is data/<split>-NNNNN-of-NNNNN-<hash>.parquet, e.g. train, validation, test,
+validation_unique, test_unique) with pyarrow, in two passes so a big shard never loads whole and
+JPEG bytes are read only for rows that survive filtering:
 
 1. the light columns (caption, labels, flags, ids) batch by batch: drop rows without a label,
-   with identical images or tied (counted separately, in that order of precedence), then keep users
-   with at least `min_pairs_per_user` pairs (and the `max_users` users with the most pairs);
-2. the JPEG columns of the surviving rows, row group by row group: bytes that do not decode are
-   skipped and counted (first few uids logged); users that fall below `min_pairs_per_user`
-   because of that are dropped too.
+   with a NaN/Inf label, with identical images or tied (counted separately, in that order of
+   precedence), then keep users with at least `min_pairs_per_user` pairs (and the `max_users`
+   users with the most pairs);
+2. (unless `load_images=False`) the JPEG columns of the surviving rows, row group by row group:
+   bytes that do not decode are skipped and counted (first few uids logged); users that fall
+   below `min_pairs_per_user` because of that are dropped too.
+
+With `load_images=False` a record holds where its bytes are (file, row), not the bytes, so the
+index of the full train split (~1M pairs, ~335 GB of JPEGs) fits in a few hundred MB whatever the
+image sizes; `PickAPicPairs.with_images(records)` reads the bytes of the records that need them in
+row-group order, and `PickAPicPairs.image_reader()` is the picklable reader DataLoader workers use.
+
+Files: only `*.parquet` files of the chosen split are read. Other files (README.md, .gitattributes)
+are counted in `files_ignored`; a `.parquet` file that is empty or not parquet at all (no PAR1 magic
+at its start) is skipped, counted in `files_not_parquet` and logged by name; a parquet file that is
+truncated or whose pages do not decode stops the load with a one-line DataFileError naming it
+(skipping it would silently train on less data than the user asked for). Column types are checked
+per file, naming the file and the column; user ids are normalised to one string form across files
+(an int64 101 in one shard, a float64 101.0 or a string "101" in another are the same user).
 
 Records come out in file order (files sorted by path) then row order, with the preferred image
 first, so the same folder always gives the same list.
@@ -21,10 +36,12 @@ import glob
 import hashlib
 import io
 import logging
+import math
 import os
 import random
+import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
@@ -39,20 +56,39 @@ IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 META_COLUMNS = ("caption", "label_0", "label_1", "user_id", "are_different", "has_label",
                 "image_0_uid", "image_1_uid", "ranking_id", "best_image_uid")
 REQUIRED_COLUMNS = META_COLUMNS + IMAGE_COLUMNS
+SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 _LOGGED_CORRUPT = 5
+_MAGIC = b"PAR1"
+_HUB_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+-of-\d+(-[^.]*)?\.parquet$")
 
 
-@dataclass
+class DataFileError(ValueError):
+    """A data file that cannot be read as the Pick-a-Pic schema; the message names the file."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@dataclass(slots=True)
 class PairRecord:
-    """One preference pair; `image_w` is the preferred image."""
+    """One preference pair; `image_w` is the preferred image.
+
+    `source` and `row` say where the pair's JPEG bytes are (index into PickAPicPairs.sources, row in
+    that file); `col_w` is the column (0 or 1) of the preferred image. The images are None for an
+    index loaded with load_images=False."""
 
     caption: str
-    image_w: "PIL.Image.Image | bytes"   # RGB image, or JPEG bytes when decode_images=False
-    image_l: "PIL.Image.Image | bytes"
+    image_w: "PIL.Image.Image | bytes | None"   # RGB image, JPEG bytes (decode_images=False) or None
+    image_l: "PIL.Image.Image | bytes | None"
     uid_w: str
     uid_l: str
     user_id: str
     ranking_id: str
+    source: int = -1
+    row: int = -1
+    col_w: int = 0
 
     @property
     def pair_id(self) -> str:
@@ -62,10 +98,12 @@ class PairRecord:
 
 @dataclass
 class PickAPicPairs:
-    """Filtered pairs plus the counts of everything that was dropped (`stats`)."""
+    """Filtered pairs plus the counts of everything that was dropped (`stats`) and the files read."""
 
     records: list[PairRecord]
     stats: dict = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    _tables: dict = field(default_factory=dict, repr=False)   # name -> in-memory table (`datasets` path)
 
     def by_user(self) -> dict[str, list[PairRecord]]:
         """user_id -> that user's records in record order; users sorted by id."""
@@ -73,6 +111,42 @@ class PickAPicPairs:
         for r in self.records:
             groups[r.user_id].append(r)
         return {u: groups[u] for u in sorted(groups)}
+
+    def drop_corrupt(self, bad_uids: set[str], min_pairs_per_user: int) -> "PickAPicPairs":
+        """Remove pairs that use an image in `bad_uids` (counted per image and per row), then users
+        left with fewer than `min_pairs_per_user` pairs; updates `stats` in place. Returns self."""
+        if not bad_uids:
+            return self
+        s = self.stats
+        before = Counter(r.user_id for r in self.records)
+        kept = []
+        for r in self.records:
+            n_bad = (r.uid_w in bad_uids) + (r.uid_l in bad_uids)
+            s["corrupt_images"] += n_bad
+            if n_bad:
+                s["corrupt_rows_dropped"] += 1
+            else:
+                kept.append(r)
+        log.warning("%d corrupt image(s) skipped (first uids: %s)", s["corrupt_images"], sorted(bad_uids)[:_LOGGED_CORRUPT])
+        counts = Counter(r.user_id for r in kept)
+        few = {u for u, n in counts.items() if n < min_pairs_per_user} | (set(before) - set(counts))
+        s["pairs_dropped_few_pairs"] += sum(counts[u] for u in few)
+        s["users_dropped_few_pairs"] += len(few)
+        self.records = [r for r in kept if r.user_id not in few]
+        s["kept"] = len(self.records)
+        s["users_kept"] = len({r.user_id for r in self.records})
+        return self
+
+    def image_reader(self) -> "PairImageReader":
+        """A picklable reader of these records' JPEG bytes (reopens files in each process)."""
+        return PairImageReader(self.sources, self._tables)
+
+    def with_images(self, records: list[PairRecord]) -> list[PairRecord]:
+        """Copies of `records` holding their JPEG bytes (read row group by row group), same order."""
+        got = {}
+        for rec, b_w, b_l in self.image_reader().iter_pairs(records):
+            got[id(rec)] = replace(rec, image_w=b_w, image_l=b_l)
+        return [got[id(r)] for r in records]
 
     def few_shot_split(self, n_shots: int = 4, seed: int = 0) -> tuple[dict[str, list[PairRecord]], list[PairRecord]]:
         """Hold out `n_shots` pairs per user (the pairs that build the user's embedding).
@@ -130,56 +204,161 @@ def _seed_for(seed: int, key: str) -> int:
 class _ParquetSource:
     def __init__(self, path: str):
         self.name = path
-        self.file = pq.ParquetFile(path)
-        self.columns = set(self.file.schema_arrow.names)
+        try:
+            self.file = pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError; name the file either way
+            raise DataFileError(f"{path}: not a readable parquet file ({_one_line(e)})") from e
+        self.schema = self.file.schema_arrow
+        self.columns = set(self.schema.names)
 
     def iter_meta(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        yield from self.file.iter_batches(batch_size=batch_rows, columns=list(META_COLUMNS))
-
-    def iter_images(self, rows: list[int]) -> Iterator[tuple[int, bytes, bytes]]:
-        """Yield (row, jpg_0, jpg_1) for the sorted `rows`, reading only row groups that hold one."""
-        wanted = iter(rows)
-        nxt = next(wanted, None)
-        start = 0
-        for g in range(self.file.num_row_groups):
-            n = self.file.metadata.row_group(g).num_rows
-            if nxt is not None and nxt < start + n:
-                group = self.file.read_row_group(g, columns=list(IMAGE_COLUMNS))
-                c0, c1 = group.column(0), group.column(1)
-                while nxt is not None and nxt < start + n:
-                    i = nxt - start
-                    yield nxt, c0[i].as_py(), c1[i].as_py()
-                    nxt = next(wanted, None)
-            start += n
+        try:
+            yield from self.file.iter_batches(batch_size=batch_rows, columns=list(META_COLUMNS))
+        except Exception as e:  # noqa: BLE001 - a corrupt page header surfaces as a thrift OSError
+            raise DataFileError(f"{self.name}: corrupt parquet data ({_one_line(e)})") from e
 
 
 class _TableSource:
     def __init__(self, name: str, table: pa.Table):
         self.name = name
         self.table = table
+        self.schema = table.schema
         self.columns = set(table.column_names)
 
     def iter_meta(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
         yield from self.table.select(list(META_COLUMNS)).to_batches(max_chunksize=batch_rows)
 
-    def iter_images(self, rows: list[int]) -> Iterator[tuple[int, bytes, bytes]]:
-        images = self.table.select(list(IMAGE_COLUMNS))
-        for s in range(0, len(rows), 256):
-            chunk = rows[s:s + 256]
-            part = images.take(pa.array(chunk, type=pa.int64()))
-            for row, b0, b1 in zip(chunk, part.column(0).to_pylist(), part.column(1).to_pylist()):
-                yield row, b0, b1
+
+class PairImageReader:
+    """Reads the JPEG bytes of PairRecords from their files, row group by row group.
+
+    Picklable: parquet handles are opened lazily in the process that reads (DataLoader workers)."""
+
+    def __init__(self, sources: list[str], tables: dict | None = None):
+        self.sources = list(sources)
+        self._tables = dict(tables or {})
+        self._files: dict[int, pq.ParquetFile] = {}
+        self._starts: dict[int, list[int]] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def _file(self, si: int) -> pq.ParquetFile:
+        f = self._files.get(si)
+        if f is None:
+            f = self._files[si] = pq.ParquetFile(self.sources[si])
+            starts, n = [], 0
+            for g in range(f.num_row_groups):
+                starts.append(n)
+                n += f.metadata.row_group(g).num_rows
+            self._starts[si] = starts + [n]
+        return f
+
+    def row_groups(self, records: list[PairRecord]) -> list[tuple[int, int, list[PairRecord]]]:
+        """(source, row group, records in it sorted by row) for `records`: the units of reading."""
+        by_source = defaultdict(list)
+        for r in records:
+            if r.source < 0:
+                raise ValueError(f"pair {r.pair_id} has no file location (built by hand?); pass its images")
+            by_source[r.source].append(r)
+        units = []
+        for si in sorted(by_source):
+            recs = sorted(by_source[si], key=lambda r: r.row)
+            name = self.sources[si]
+            if name in self._tables:
+                units.append((si, -1, recs))
+                continue
+            self._file(si)
+            starts = self._starts[si]
+            g, cur = 0, []
+            for r in recs:
+                while r.row >= starts[g + 1]:
+                    if cur:
+                        units.append((si, g, cur))
+                        cur = []
+                    g += 1
+                cur.append(r)
+            if cur:
+                units.append((si, g, cur))
+        return units
+
+    def read_unit(self, si: int, g: int, recs: list[PairRecord]) -> Iterator[tuple[PairRecord, bytes, bytes]]:
+        """(record, winner bytes, loser bytes) for the records of one row group."""
+        name = self.sources[si]
+        if g < 0:
+            part = self._tables[name].select(list(IMAGE_COLUMNS)).take(pa.array([r.row for r in recs], type=pa.int64()))
+            c0, c1 = part.column(0).to_pylist(), part.column(1).to_pylist()
+            for i, r in enumerate(recs):
+                pair = (c0[i], c1[i])
+                yield r, pair[r.col_w], pair[1 - r.col_w]
+            return
+        try:
+            group = self._file(si).read_row_group(g, columns=list(IMAGE_COLUMNS))
+        except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
+            raise DataFileError(f"{name}: corrupt parquet data in row group {g} ({_one_line(e)})") from e
+        c0, c1 = group.column(0), group.column(1)
+        start = self._starts[si][g]
+        for r in recs:
+            i = r.row - start
+            pair = (c0[i].as_py(), c1[i].as_py())
+            yield r, pair[r.col_w], pair[1 - r.col_w]
+
+    def iter_pairs(self, records: list[PairRecord]) -> Iterator[tuple[PairRecord, bytes, bytes]]:
+        for unit in self.row_groups(records):
+            yield from self.read_unit(*unit)
 
 
-def _sources(folder: str, split: str | None) -> list:
+def _split_of(path: str) -> str | None:
+    m = _HUB_NAME.match(os.path.basename(path))
+    return m.group("split") if m else None
+
+
+def _is_parquet(path: str) -> str | None:
+    """None if `path` looks like a whole parquet file; otherwise why not ('empty', 'not parquet', 'truncated')."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "empty"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if head != _MAGIC:
+            return "not parquet"
+        if size < 12:
+            return "truncated"
+        f.seek(-4, os.SEEK_END)
+        return None if f.read(4) == _MAGIC else "truncated"
+
+
+def _sources(folder: str, split: str | None, stats: Counter) -> list:
     if os.path.isdir(folder):
-        paths = sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True))
+        every = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
+        paths = [p for p in every if p.endswith(".parquet")]
+        stats["files_ignored"] = len(every) - len(paths)
+        splits = {_split_of(p) for p in paths} - {None}
+        if split is None and len(splits) > 1:
+            raise ValueError(f"{folder!r} holds the splits {', '.join(sorted(splits))}: pass split= "
+                             f"(data.split / --split) so no pairs leak between them")
         if split is not None:
-            paths = [p for p in paths if os.path.basename(p).startswith(f"{split}-")]
-        if not paths:
+            chosen = [p for p in paths if _split_of(p) == split]
+            if not chosen and not splits:   # a flat folder without hub names: the old prefix rule
+                chosen = [p for p in paths if os.path.basename(p).startswith(f"{split}-")]
+            stats["files_other_splits"] = len(paths) - len(chosen)
+            paths = chosen
+        readable = []
+        for p in paths:
+            why = _is_parquet(p)
+            if why == "truncated":
+                raise DataFileError(f"{p}: truncated parquet file (no footer); download it again")
+            if why is not None:
+                log.warning("skipping %s: %s", p, "an empty file" if why == "empty" else "not a parquet file")
+                stats["files_not_parquet"] += 1
+                continue
+            readable.append(p)
+        if not readable:
             raise FileNotFoundError(f"no *.parquet files under {folder!r}"
-                                    + (f" whose name starts with '{split}-'" if split else ""))
-        return [_ParquetSource(p) for p in paths]
+                                    + (f" of split {split!r}" if split else ""))
+        return [_ParquetSource(p) for p in readable]
     if folder.startswith(("/", ".", "~")) or folder.count("/") > 1:
         raise FileNotFoundError(f"Pick-a-Pic folder {folder!r} does not exist")
     try:
@@ -193,12 +372,53 @@ def _sources(folder: str, split: str | None) -> list:
     return [_TableSource(f"{folder}[{split or 'train'}]", ds.data.table)]
 
 
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+# Accepted kinds per column (an all-null column reads as type null and is accepted; its rows are
+# then dropped as unlabelled or missing ids).
+_KINDS = {"caption": {"string"}, "label_0": {"number", "integer"}, "label_1": {"number", "integer"},
+          "user_id": {"integer", "string", "number"}, "are_different": {"bool", "integer"},
+          "has_label": {"bool", "integer"}, "image_0_uid": {"string", "integer"},
+          "image_1_uid": {"string", "integer"}, "ranking_id": {"integer", "string", "number"},
+          "best_image_uid": {"string", "integer"}, "jpg_0": {"binary"}, "jpg_1": {"binary"}}
+
+
 def _check_columns(source) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in source.columns]
     if missing:
         raise KeyError(f"Pick-a-Pic file {source.name!r} has no column {missing[0]!r}"
                        + (f" (also missing: {', '.join(missing[1:])})" if missing[1:] else "")
                        + f"; required columns: {', '.join(REQUIRED_COLUMNS)}")
+    for col, kinds in _KINDS.items():
+        kind = _kind(source.schema.field(col).type)
+        if kind != "null" and kind not in kinds:
+            raise DataFileError(f"{source.name}: column {col!r} has type {source.schema.field(col).type}; "
+                                f"expected {' or '.join(sorted(kinds))}")
+
+
+def normalise_id(v) -> str | None:
+    """One string form for an id however a file stored it: 101, 101.0 and "101" -> "101"."""
+    if v is None:
+        return None
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return None
+        return str(int(v)) if v.is_integer() else repr(v)
+    return str(v).strip() if isinstance(v, str) else str(v)
 
 
 def _decode(data, keep: bool):
@@ -217,23 +437,30 @@ def _decode(data, keep: bool):
     return img.convert("RGB")
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None = None,
                decode_images: bool = True, split: str | None = None, verify_images: bool = True,
-               batch_rows: int = 4096, progress: bool = True) -> PickAPicPairs:
+               batch_rows: int = 4096, progress: bool = True, load_images: bool = True) -> PickAPicPairs:
     """Load filtered Pick-a-Pic v2 pairs from a local folder of parquet files (or a hub id via `datasets`).
 
     min_pairs_per_user: users with fewer valid pairs are dropped (paper: N = 4).
     max_users: keep the users with the most valid pairs (ties by user id); ranked on label-valid
         pairs, before corrupt images are removed.
     decode_images: records hold RGB PIL images; False keeps JPEG bytes (far less memory).
-    split: only files named "{split}-*.parquet" (hub layout), or the hub split; None = every file.
+    split: only files of that split (hub layout "{split}-NNNNN-of-NNNNN-*.parquet"), or the hub
+        split; None = every file, refused when the folder holds several splits.
     verify_images: with decode_images=False, still decode each JPEG once so corrupt bytes are
         dropped here rather than at cache build.
+    load_images: False = records hold only where their bytes are (no image is read or verified
+        here; the cache build and `embed` find corrupt bytes as they decode).
     Returns PickAPicPairs; `stats` holds rows, kept, ties_dropped, not_different_dropped,
-    unlabeled_dropped, missing_fields_dropped, corrupt_images, corrupt_rows_dropped,
-    pairs_dropped_few_pairs, pairs_dropped_max_users, users_total, users_kept,
-    users_dropped_few_pairs, users_dropped_max_users, files. Every row is counted exactly once:
-    rows = kept + *_dropped + pairs_dropped_*.
+    unlabeled_dropped, nonfinite_label_dropped, missing_fields_dropped, corrupt_images,
+    corrupt_rows_dropped, pairs_dropped_few_pairs, pairs_dropped_max_users, users_total, users_kept,
+    users_dropped_few_pairs, users_dropped_max_users, files, files_not_parquet, files_ignored,
+    files_other_splits. Every row is counted exactly once: rows = kept + *_dropped + pairs_dropped_*.
     """
     from tqdm.auto import tqdm
 
@@ -241,12 +468,13 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
         raise ValueError(f"min_pairs_per_user must be >= 1; got {min_pairs_per_user}")
     if max_users is not None and max_users < 1:
         raise ValueError(f"max_users must be >= 1 or None; got {max_users}")
-    sources = _sources(str(folder), split)
+    stats = Counter(rows=0, ties_dropped=0, not_different_dropped=0, unlabeled_dropped=0, nonfinite_label_dropped=0,
+                    missing_fields_dropped=0, corrupt_images=0, corrupt_rows_dropped=0, files_not_parquet=0,
+                    files_ignored=0, files_other_splits=0)
+    sources = _sources(str(folder), split, stats)
     for s in sources:
         _check_columns(s)
 
-    stats = Counter(rows=0, ties_dropped=0, not_different_dropped=0, unlabeled_dropped=0,
-                    missing_fields_dropped=0, corrupt_images=0, corrupt_rows_dropped=0)
     # Pass 1: label filtering on the light columns. cand: (source, row, caption, winner, uid0, uid1, user, ranking)
     cands = []
     for si, src in enumerate(sources):
@@ -256,9 +484,13 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
             for i in range(batch.num_rows):
                 stats["rows"] += 1
                 l0, l1 = cols["label_0"][i], cols["label_1"][i]
-                user, u0, u1 = cols["user_id"][i], cols["image_0_uid"][i], cols["image_1_uid"][i]
+                user = normalise_id(cols["user_id"][i])
+                u0, u1 = normalise_id(cols["image_0_uid"][i]), normalise_id(cols["image_1_uid"][i])
                 if not cols["has_label"][i] or l0 is None or l1 is None:
                     stats["unlabeled_dropped"] += 1
+                elif not (_finite(l0) and _finite(l1)):
+                    # NaN compares false both ways: `l0 > l1` would silently make image 1 the winner.
+                    stats["nonfinite_label_dropped"] += 1
                 elif not cols["are_different"][i]:
                     stats["not_different_dropped"] += 1
                 elif l0 == 0.5 and l1 == 0.5:
@@ -269,7 +501,7 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
                     stats["missing_fields_dropped"] += 1
                 else:
                     cands.append((si, row + i, cols["caption"][i] or "", 0 if l0 > l1 else 1,
-                                  str(u0), str(u1), str(user), str(cols["ranking_id"][i])))
+                                  u0, u1, user, normalise_id(cols["ranking_id"][i])))
             row += batch.num_rows
 
     users_before = Counter(c[6] for c in cands)
@@ -283,66 +515,54 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
         stats["pairs_dropped_max_users"] = sum(users_before[u] for u in eligible - kept_users)
         eligible = kept_users
     stats["pairs_dropped_few_pairs"] = sum(users_before[u] for u in few_users)
-    cands = [c for c in cands if c[6] in eligible]
+    records = [PairRecord(caption=caption, image_w=None, image_l=None, uid_w=(u0, u1)[w], uid_l=(u0, u1)[1 - w],
+                          user_id=user, ranking_id=ranking, source=si, row=row, col_w=w)
+               for si, row, caption, w, u0, u1, user, ranking in cands if user in eligible]
+    del cands
+    pairs = PickAPicPairs(records=records, sources=[s.name for s in sources],
+                          _tables={s.name: s.table for s in sources if isinstance(s, _TableSource)})
 
-    # Pass 2: JPEG bytes of surviving rows only.
-    images: dict[tuple[int, int], tuple] = {}
-    corrupt_uids: list[str] = []
-    check = decode_images or verify_images
-    rows_by_source = defaultdict(list)
-    for c in cands:
-        rows_by_source[c[0]].append(c[1])
-    uid_of = {(c[0], c[1]): (c[4], c[5]) for c in cands}
-    with tqdm(total=len(cands), desc="Pick-a-Pic images", unit="pair", disable=not progress) as bar:
-        for si, rows in rows_by_source.items():
-            for row, b0, b1 in sources[si].iter_images(rows):
-                pair = []
-                for data, uid in zip((b0, b1), uid_of[(si, row)]):
-                    try:
-                        pair.append(_decode(data, decode_images) if check else bytes(data))
-                    # Untrusted bytes: any decoder failure means "corrupt", never a crash.
-                    except Exception as e:  # noqa: BLE001
-                        stats["corrupt_images"] += 1
-                        if len(corrupt_uids) < _LOGGED_CORRUPT:
-                            log.warning("skipping corrupt image %s in %s: %s", uid, sources[si].name, e)
-                            corrupt_uids.append(uid)
-                if len(pair) == 2:
-                    images[(si, row)] = tuple(pair)
-                else:
-                    stats["corrupt_rows_dropped"] += 1
-                bar.update(1)
-    if corrupt_uids:
-        log.warning("%d corrupt image(s) skipped (first uids: %s)", stats["corrupt_images"], corrupt_uids)
-    cands = [c for c in cands if (c[0], c[1]) in images]
-
-    # Users that fell below the threshold because of corrupt images.
-    counts = Counter(c[6] for c in cands)
-    late_few = {u for u, n in counts.items() if n < min_pairs_per_user} | (eligible - set(counts))
-    stats["pairs_dropped_few_pairs"] += sum(counts[u] for u in late_few)
-    stats["users_dropped_few_pairs"] = len(few_users) + len(late_few)
-    records = []
-    for si, row, caption, winner, u0, u1, user, ranking in cands:
-        if user in late_few:
-            continue
-        im = images[(si, row)]
-        w, l = (0, 1) if winner == 0 else (1, 0)
-        records.append(PairRecord(caption=caption, image_w=im[w], image_l=im[l], uid_w=(u0, u1)[w],
-                                  uid_l=(u0, u1)[l], user_id=user, ranking_id=ranking))
+    stats["users_dropped_few_pairs"] = len(few_users)
     stats["kept"] = len(records)
     stats["users_kept"] = len({r.user_id for r in records})
     stats["files"] = len(sources)
     stats.setdefault("users_dropped_max_users", 0)
     stats.setdefault("pairs_dropped_max_users", 0)
-    pairs = PickAPicPairs(records=records, stats=dict(stats))
+    pairs.stats = dict(stats)
+    if load_images:
+        # Pass 2: JPEG bytes of surviving rows only.
+        bad: set[str] = set()
+        check = decode_images or verify_images
+        with tqdm(total=len(records), desc="Pick-a-Pic images", unit="pair", disable=not progress) as bar:
+            for rec, b_w, b_l in pairs.image_reader().iter_pairs(records):
+                pair = []
+                for data, uid in ((b_w, rec.uid_w), (b_l, rec.uid_l)):
+                    try:
+                        pair.append(_decode(data, decode_images) if check else bytes(data))
+                    # Untrusted bytes: any decoder failure means "corrupt", never a crash.
+                    except Exception as e:  # noqa: BLE001
+                        if len(bad) < _LOGGED_CORRUPT:
+                            log.warning("skipping corrupt image %s in %s: %s", uid, sources[rec.source].name, e)
+                        bad.add(uid)
+                        pair.append(None)
+                rec.image_w, rec.image_l = pair
+                bar.update(1)
+        pairs.drop_corrupt(bad, min_pairs_per_user)
     log.info("%s", format_stats(pairs.stats))
     return pairs
 
 
 def format_stats(stats: dict) -> str:
     """One readable summary of `load_pairs` stats."""
-    return (f"Pick-a-Pic: {stats['rows']} rows -> {stats['kept']} pairs from {stats['users_kept']} users "
+    files = f"{stats['files']} files"
+    extra = [f"{stats[k]} {what}" for k, what in (("files_not_parquet", "not parquet, skipped"),
+                                                  ("files_other_splits", "of other splits"),
+                                                  ("files_ignored", "other files ignored")) if stats.get(k)]
+    return (f"Pick-a-Pic: {stats['rows']} rows of {files}{' (' + ', '.join(extra) + ')' if extra else ''} -> "
+            f"{stats['kept']} pairs from {stats['users_kept']} users "
             f"(dropped: {stats['ties_dropped']} ties, {stats['not_different_dropped']} identical images, "
-            f"{stats['unlabeled_dropped']} unlabeled, {stats['missing_fields_dropped']} missing ids, "
+            f"{stats['unlabeled_dropped']} unlabeled, {stats.get('nonfinite_label_dropped', 0)} NaN/Inf labels, "
+            f"{stats['missing_fields_dropped']} missing ids, "
             f"{stats['corrupt_rows_dropped']} with corrupt images ({stats['corrupt_images']} images), "
             f"{stats['pairs_dropped_few_pairs']} pairs of {stats['users_dropped_few_pairs']} users with too few "
             f"pairs, {stats['pairs_dropped_max_users']} pairs of {stats['users_dropped_max_users']} users over max_users)")

@@ -1,8 +1,10 @@
 """python -m ppd_engine.embed: user embeddings from a VLM's chain-of-thought user profiles.
 
-Example (real model, GPU):
-  python -m ppd_engine.embed --data /data/pickapic_v2 --model llava-hf/llava-onevision-qwen2-7b-ov-hf \\
-      --out runs/users.safetensors --layers all --chunks 4 --batch-users 8 --compile --dtype bf16
+Example (real model, 8 GPUs; each rank embeds a disjoint set of users into shards of its own, and a
+rerun after a kill resumes):
+  torchrun --nproc-per-node 8 -m ppd_engine.embed --data /data/pickapic_v2 --split train \\
+      --model llava-hf/llava-onevision-qwen2-7b-ov-hf --out runs/users --layers all --chunks 4 \\
+      --batch-users 8 --compile --dtype bf16
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "stored as the user's embedding. Rerunning with the same --out resumes.",
         formatter_class=DefaultsFormatter)
     p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
-    p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet (e.g. train); default all")
+    p.add_argument("--split", default="train", help="Pick-a-Pic split whose users are embedded (files SPLIT-*.parquet)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"LLaVA-OneVision hub id or local folder (e.g. {SMALL_MODEL} on small machines)")
-    p.add_argument("--out", required=True, help="store path STORE.safetensors (+ STORE.json sidecar); appended to")
+    p.add_argument("--out", required=True, help="store folder (ppd_engine.embed.store); appended to, one writer per rank")
     p.add_argument("--layers", choices=("last", "all"), default="last",
                    help="last: final-layer state (1, D); all: one state per layer incl. the embedding output "
                         "(num_layers + 1, D)")
@@ -43,12 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot split, chunking and sampling")
     p.add_argument("--batch-users", type=int, default=4, help="prompts (user chunks) decoded together")
     p.add_argument("--save-every", type=int, default=8,
-                   help="batches between store writes (each write rewrites the whole store; a crash loses at most "
-                        "this many batches, which a rerun redoes)")
+                   help="batches between store writes (each write adds one shard; a crash loses at most this many "
+                        "batches, which a rerun redoes)")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decode step (fastest on GPU; first batch compiles)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="generation budget per profile")
     p.add_argument("--template", default=None, help="prompt template file (default: the packaged profile_prompt.txt)")
+    p.add_argument("--keep-without-profile", action="store_true",
+                   help="store generations that have no 'User Profile' section (counted) instead of retrying them "
+                        "and recording them as failed")
+    p.add_argument("--retries", type=int, default=2,
+                   help="new tries (other seeds) for a generation without a 'User Profile' section")
     add_device(p, "where the VLM runs")
     add_dtype(p, None, "VLM dtype")
     add_progress(p)
@@ -71,30 +78,47 @@ def main(argv: list[str] | None = None) -> dict:
     for name, v in (("--shots", args.shots), ("--chunks", args.chunks), ("--batch-users", args.batch_users)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")
-    device = resolve_device(args.device)
+    from ppd_engine.training.distributed import init_distributed, key_barrier
+
+    # Under torchrun every rank embeds users[rank::world] into its own shards (writer r<rank>).
+    env = init_distributed(resolve_device(args.device), "auto")
+    device = str(env.device)
     dtype = device_dtype(args.dtype, device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                                   temperature=args.temperature, top_p=args.top_p, compile=args.compile,
                                   layers=args.layers)
     template = ProfileTemplate(args.template)
-    store = EmbeddingStore(args.out)
+    store = EmbeddingStore(args.out, writer=f"r{env.rank}")
+    store.remove_uncommitted()   # what a killed run of this rank left half-written
 
-    pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, decode_images=False,
-                       split=args.split, progress=args.progress)
+    # The index only; the images of the few-shot pairs this rank embeds are read below.
+    pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, split=args.split,
+                       load_images=False, progress=args.progress and env.is_main)
     shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
-    items, plan_stats = plan(pairs.by_user(), shots, args.shots, args.chunks, args.seed, store)
-    print(f"{len(shots)} users with >= {args.shots} pairs; {len(items)} chunk(s) to embed "
-          f"({plan_stats['users_already_done']} users already in {args.out})")
-    stats = {"users_with_shots": len(shots), **plan_stats, "data": pairs.stats}
+    mine = sorted(shots)[env.rank::env.world_size]
+    by_user = pairs.by_user()
+    items, plan_stats = plan({u: by_user[u] for u in mine}, {u: shots[u] for u in mine}, args.shots, args.chunks,
+                             args.seed, store)
+    filled = iter(pairs.with_images([r for it in items for r in it.shots]))
+    for it in items:
+        it.shots = [next(filled) for _ in it.shots]
+    print(f"rank {env.rank}/{env.world_size}: {len(mine)} of {len(shots)} users with >= {args.shots} pairs; "
+          f"{len(items)} chunk(s) to embed ({plan_stats['users_already_done']} users already in {args.out})")
+    stats = {"users_with_shots": len(shots), "users_this_rank": len(mine), **plan_stats, "data": pairs.stats}
     if items:
         model, processor = load_vlm(args.model, device=device, dtype=dtype)
         generator = VLMGenerator(model, processor, settings)
         t0 = time.perf_counter()
         stats.update(embed_users(items, generator, template, store, batch_users=args.batch_users, seed=args.seed,
-                                 model_id=args.model, save_every=args.save_every,
-                                 progress=args.progress))
+                                 model_id=args.model, save_every=args.save_every, progress=args.progress,
+                                 require_profile=not args.keep_without_profile, retries=args.retries))
         stats["wall_seconds"] = time.perf_counter() - t0
-    print(summary(stats, store, args))
+    key_barrier(env, "embed")()   # ranks finish hours apart: wait on store keys, not a timed collective
+    print(summary(stats, EmbeddingStore(args.out), args))
+    if env.initialized_here:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return stats
 
 
@@ -110,6 +134,9 @@ def summary(stats: dict, store, args) -> str:
                          "(the prompted baseline gets the bare caption for them)")
         if stats["chunks_bad_images"]:
             lines.append(f"skipped {stats['chunks_bad_images']} chunk(s) with undecodable images")
+        if stats["chunks_no_profile"] or stats["chunks_retried"]:
+            lines.append(f"{stats['chunks_retried']} generation(s) retried, {stats['chunks_no_profile']} chunk(s) "
+                         "failed: no 'User Profile' section in the generation")
     lines.append("data: " + json.dumps({k: v for k, v in stats["data"].items() if v}, sort_keys=True))
     return "\n".join(lines)
 

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
+
 from ppd_engine.profile import parse_profile
 
 from .generate import VLMGenerator
@@ -50,7 +52,7 @@ def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: in
     """Work items for every (user, chunk) the store does not hold yet (a rerun resumes)."""
     items, done, partial = [], 0, 0
     for user in sorted(shots):
-        have = store.get(user).shape[0] if user in store else 0
+        have = store.count(user)
         groups = user_chunks(by_user[user], shots[user], n_shots, k, seed, user)
         todo = [WorkItem(user, c, g) for c, g in enumerate(groups) if c >= have]
         if not todo:
@@ -63,17 +65,24 @@ def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: in
 
 def embed_users(items: list[WorkItem], generator: VLMGenerator, template: ProfileTemplate,
                 store: EmbeddingStore, *, batch_users: int, seed: int, model_id: str,
-                save_every: int = 8, progress: bool = True) -> dict:
+                save_every: int = 8, progress: bool = True, require_profile: bool = False,
+                retries: int = 2) -> dict:
     """Generate profiles and embeddings for `items` in batches of `batch_users` rows and append
-    them to `store` every `save_every` batches and at the end (each save rewrites the whole file,
-    so saving after every batch would cost quadratic I/O on big runs; a crash loses at most the
-    unsaved batches, which a rerun redoes). Items whose images cannot be decoded are skipped and
-    counted. Returns counts and throughput."""
+    them to `store` every `save_every` batches and at the end (each save writes one new shard; a
+    crash loses at most the unsaved batches, which a rerun redoes). Items whose images cannot be
+    decoded are skipped and counted.
+
+    With `require_profile` (the CLI's default), a generation without a "User Profile" section
+    (ppd_engine.profile.parse_profile: a chain of thought cut off by the token budget, or one that
+    wandered off) has no profile for its final token to summarise: it is generated again with
+    another seed up to `retries` times, then recorded as failed (counted in chunks_no_profile,
+    logged, not stored). Without it such chunks are stored and counted in without_profile.
+    Returns counts and throughput."""
     from tqdm.auto import tqdm
 
     settings = generator.settings
-    stats = {"chunks_embedded": 0, "chunks_bad_images": 0, "without_profile": 0, "tokens_generated": 0,
-             "generate_seconds": 0.0}
+    stats = {"chunks_embedded": 0, "chunks_bad_images": 0, "chunks_no_profile": 0, "chunks_retried": 0,
+             "without_profile": 0, "tokens_generated": 0, "generate_seconds": 0.0}
     users_seen: set[str] = set()
     pad_to = batch_users if settings.compile else None
     pending: list = []
@@ -91,38 +100,59 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
         bar.update(len(batch) - len(ok))
         if not ok:
             continue
-        # Rows of a batch share one sampling stream, so the seed is tied to the batch's first row.
-        sample_seed = _seed_for(seed, f"{ok[0].user_id}/{ok[0].chunk}")
-        t0 = time.perf_counter()
-        out = generator.generate(prompts, seed=sample_seed, pad_batch_to=pad_to)
-        stats["generate_seconds"] += time.perf_counter() - t0
-        stats["tokens_generated"] += sum(len(t) for t in out.tokens)
-        per_user: dict[str, list[int]] = {}
-        for row, it in enumerate(ok):
-            per_user.setdefault(it.user_id, []).append(row)
+        done: list[tuple] = []   # item, text, states, n tokens, prompt len, seed, profile section
+        todo = list(range(len(ok)))
+        for attempt in range(retries + 1):
+            # Rows of a batch share one sampling stream, so the seed is tied to the batch's first row.
+            tag = "" if attempt == 0 else f"/retry{attempt}"
+            sample_seed = _seed_for(seed, f"{ok[todo[0]].user_id}/{ok[todo[0]].chunk}{tag}")
+            t0 = time.perf_counter()
+            out = generator.generate([prompts[i] for i in todo], seed=sample_seed, pad_batch_to=pad_to)
+            stats["generate_seconds"] += time.perf_counter() - t0
+            stats["tokens_generated"] += sum(len(t) for t in out.tokens)
+            again = []
+            for row, i in enumerate(todo):
+                sec = parse_profile(out.texts[row], len(out.tokens[row]) >= settings.max_new_tokens)
+                if require_profile and sec.text is None:
+                    again.append(i)
+                    continue
+                done.append((ok[i], out.texts[row], out.states[row:row + 1], len(out.tokens[row]),
+                             out.prompt_lengths[row], sample_seed, sec))
+            todo = again
+            if not todo:
+                break
+            if attempt < retries:
+                stats["chunks_retried"] += len(todo)
+        for i in todo:
+            stats["chunks_no_profile"] += 1
+            log.warning("user %s chunk %d: no User Profile section in the generation after %d tries; not stored",
+                        ok[i].user_id, ok[i].chunk, retries + 1)
+        done.sort(key=lambda d: ok.index(d[0]))
+        per_user: dict[str, list] = {}
+        for d in done:
+            per_user.setdefault(d[0].user_id, []).append(d)
         for user, rows in per_user.items():
-            sections = {r: parse_profile(out.texts[r], len(out.tokens[r]) >= settings.max_new_tokens) for r in rows}
-            stats["without_profile"] += sum(sec.text is None for sec in sections.values())
+            stats["without_profile"] += sum(sec.text is None for *_, sec in rows)
             chunks = [{
-                "chunk": ok[r].chunk,
-                "profile": out.texts[r],
+                "chunk": it.chunk,
+                "profile": text,
                 # The condensed "User Profile" section alone (the prompted-base baseline's caption suffix).
-                "user_profile": sections[r].text,
-                "user_profile_truncated": sections[r].truncated,
-                "generated_tokens": len(out.tokens[r]),
-                "prompt_tokens": out.prompt_lengths[r],
-                "sample_seed": None if settings.greedy else sample_seed,
+                "user_profile": sec.text,
+                "user_profile_truncated": sec.truncated,
+                "generated_tokens": n_tok,
+                "prompt_tokens": n_prompt,
+                "sample_seed": None if settings.greedy else s_seed,
                 "shots": [{"uid_w": s.uid_w, "uid_l": s.uid_l, "caption": s.caption,
-                           "ranking_id": getattr(s, "ranking_id", None)} for s in ok[r].shots],
-            } for r in rows]
+                           "ranking_id": getattr(s, "ranking_id", None)} for s in it.shots],
+            } for it, text, _, n_tok, n_prompt, s_seed, sec in rows]
             meta = {"model": model_id, "prompt_sha256": template.sha256, "template": template.path,
                     "generation": settings.as_meta(), "chunks": chunks}
-            pending.append((user, out.states[rows], meta))
+            pending.append((user, torch.cat([r[2] for r in rows]), meta))
             users_seen.add(user)
         if (start // batch_users + 1) % max(1, save_every) == 0:
             store.append_many(pending)
             pending = []
-        stats["chunks_embedded"] += len(ok)
+        stats["chunks_embedded"] += len(done)
         bar.update(len(ok))
         bar.set_postfix(tok_s=f"{stats['tokens_generated'] / max(stats['generate_seconds'], 1e-9):.1f}")
     if pending:

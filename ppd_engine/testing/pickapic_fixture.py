@@ -42,8 +42,13 @@ def _jpeg(rng: np.random.Generator, size: tuple[int, int]) -> bytes:
 
 
 def write_pickapic_fixture(folder: str, seed: int = 0, extra_users: int = 0, pairs_per_extra_user: int = 6,
-                           row_group_size: int = 3) -> dict:
-    """Write the fixture parquet files under `folder`/data; returns the expected `load_pairs` stats."""
+                           row_group_size: int = 3, user_id_types: tuple[str, str] = ("int64", "int64"),
+                           split: str = "train") -> dict:
+    """Write the fixture parquet files under `folder`/data; returns the expected `load_pairs` stats.
+
+    user_id_types: how each of the two files stores user_id ("int64", "string" or "float64", as a
+    pandas export with missing ids does); the same users must come out whatever the mix.
+    split: the split name the files carry (hub names "<split>-0000f-of-00002.parquet")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,23 +102,26 @@ def write_pickapic_fixture(folder: str, seed: int = 0, extra_users: int = 0, pai
     data_dir = os.path.join(folder, "data")
     os.makedirs(data_dir, exist_ok=True)
     half = len(rows) // 2
-    schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
-                        ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", pa.int64()),
-                        ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("image_0_uid", pa.string()),
-                        ("image_1_uid", pa.string()), ("ranking_id", pa.int64()), ("best_image_uid", pa.string()),
-                        ("model_0", pa.string()), ("model_1", pa.string())])
+    id_types = {"int64": (pa.int64(), int), "string": (pa.string(), str), "float64": (pa.float64(), float)}
     for f, part in enumerate([rows[:half], rows[half:]]):
-        table = pa.Table.from_pylist(part, schema=schema)
-        pq.write_table(table, os.path.join(data_dir, f"train-{f:05d}-of-00002.parquet"), row_group_size=row_group_size)
+        id_type, conv = id_types[user_id_types[f]]
+        schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
+                            ("label_0", pa.float64()), ("label_1", pa.float64()), ("user_id", id_type),
+                            ("are_different", pa.bool_()), ("has_label", pa.bool_()), ("image_0_uid", pa.string()),
+                            ("image_1_uid", pa.string()), ("ranking_id", pa.int64()), ("best_image_uid", pa.string()),
+                            ("model_0", pa.string()), ("model_1", pa.string())])
+        table = pa.Table.from_pylist([{**r, "user_id": conv(r["user_id"])} for r in part], schema=schema)
+        pq.write_table(table, os.path.join(data_dir, f"{split}-{f:05d}-of-00002.parquet"), row_group_size=row_group_size)
 
     extra_pairs = extra_users * pairs_per_extra_user
     extra_ok = extra_users if pairs_per_extra_user >= 4 else 0
     return dict(rows=len(rows), kept=15 + extra_ok * pairs_per_extra_user, ties_dropped=2,
-                not_different_dropped=1, unlabeled_dropped=2, missing_fields_dropped=0,
+                not_different_dropped=1, unlabeled_dropped=2, nonfinite_label_dropped=0, missing_fields_dropped=0,
                 corrupt_images=4, corrupt_rows_dropped=3,
                 pairs_dropped_few_pairs=3 + 2 + (extra_pairs if not extra_ok else 0),
                 pairs_dropped_max_users=0, users_total=6 - 1 + extra_users, users_kept=3 + extra_ok,
-                users_dropped_few_pairs=2 + (extra_users - extra_ok), users_dropped_max_users=0, files=2)
+                users_dropped_few_pairs=2 + (extra_users - extra_ok), users_dropped_max_users=0, files=2,
+                files_not_parquet=0, files_ignored=0, files_other_splits=0)
 
 
 def write_fixture_with_embeddings(root: str, extra_users: int = 3, du: int = 24, k: int = 2) -> tuple[str, str, list]:
@@ -132,3 +140,76 @@ def write_fixture_with_embeddings(root: str, extra_users: int = 3, du: int = 24,
     EmbeddingStore(store_path).append_many([(u, torch.randn(k, 1, du, generator=g), {"source": "test"})
                                             for u in users])
     return data, store_path, users
+
+
+def _clean_rows(rng: np.random.Generator, prefix: str, users: list[int], pairs_each: int, jpeg=None) -> list[dict]:
+    rows = []
+    for u in users:
+        for i in range(pairs_each):
+            k = len(rows)
+            uid0, uid1 = f"{prefix}-{u}-{i}-a", f"{prefix}-{u}-{i}-b"
+            label_0 = float(i % 2)
+            rows.append(dict(caption=f"{prefix} caption {u} {i}",
+                             jpg_0=jpeg(k, 0) if jpeg else _jpeg(rng, _SIZES[k % 4]),
+                             jpg_1=jpeg(k, 1) if jpeg else _jpeg(rng, _SIZES[(k + 1) % 4]),
+                             label_0=label_0, label_1=1.0 - label_0, user_id=u, are_different=True, has_label=True,
+                             image_0_uid=uid0, image_1_uid=uid1, ranking_id=hash((prefix, u, i)) & 0xFFFFFFF,
+                             best_image_uid=uid0 if label_0 else uid1))
+    return rows
+
+
+def write_hub_layout(folder: str, seed: int = 0) -> dict:
+    """The hub layout of Pick-a-Pic v2 in small: train in two shards (the crafted fixture above),
+    validation, test and validation_unique shards with users and captions of their own, a stray
+    README.md and a train-named `.parquet` that is a git-lfs pointer (what a clone without
+    `git lfs pull` leaves). Returns {"train": the stats load_pairs(folder, split="train") must
+    report, "captions": {split: set of that split's captions}}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train = write_pickapic_fixture(folder, seed=seed)
+    rng = np.random.default_rng(seed + 7)
+    data_dir = os.path.join(folder, "data")
+    captions = {}
+    for j, split in enumerate(("validation", "test", "validation_unique")):
+        rows = _clean_rows(rng, split, [900 + 10 * j, 901 + 10 * j], 4)
+        captions[split] = {r["caption"] for r in rows}
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(data_dir, f"{split}-00000-of-00001-ab12cd.parquet"))
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("# pickapic_v2\n")
+    with open(os.path.join(data_dir, "train-00002-of-00003-lfs.parquet"), "w") as f:
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    train.update(files_ignored=1, files_other_splits=3, files_not_parquet=1)
+    return {"train": train, "captions": captions}
+
+
+def write_bulk_fixture(folder: str, total_image_bytes: int = 320 << 20, users: int = 400, pairs_each: int = 4,
+                       row_group_size: int = 64) -> int:
+    """One train shard whose JPEG columns hold about `total_image_bytes`: every image is one small
+    real JPEG followed by random padding after its end-of-image marker (decoders stop at the marker,
+    so the bytes are valid JPEGs that cost nothing to make). Written one row group at a time, so the
+    builder's own memory stays at one row group. Returns the number of image bytes written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    base = _jpeg(rng, (32, 32))
+    n_rows = users * pairs_each
+    pad = max(0, total_image_bytes // (2 * n_rows) - len(base))
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    path = os.path.join(folder, "data", "train-00000-of-00001.parquet")
+    written = 0
+    writer = None
+    try:
+        for start in range(0, users, max(1, row_group_size // pairs_each)):
+            chunk = list(range(start, min(users, start + max(1, row_group_size // pairs_each))))
+            rows = _clean_rows(rng, "bulk", chunk, pairs_each, jpeg=lambda k, j: base + os.urandom(pad))
+            written += sum(len(r["jpg_0"]) + len(r["jpg_1"]) for r in rows)
+            table = pa.Table.from_pylist(rows)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="none")
+            writer.write_table(table, row_group_size=row_group_size)
+    finally:
+        if writer is not None:
+            writer.close()
+    return written

@@ -40,7 +40,7 @@ def embedding_store_path(run_dir: str | os.PathLike, cfg) -> Path:
     candidates = [Path(cfg.data.embeddings)] if cfg.data.embeddings else []
     candidates.append(Path(run_dir) / "embeddings.safetensors")
     for c in candidates:
-        if c.is_file():
+        if c.exists():  # a store is a folder (ppd_engine.embed.store)
             return c
     raise FileNotFoundError(f"no user-embedding store for run {run_dir} (looked at {', '.join(map(str, candidates))})")
 

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from ppd_engine.training import checkpoint as ckpt
 from ppd_engine.training import reference
 from ppd_engine.training.activation_checkpointing import enable_checkpointing, unsave_frozen_conv_inputs
 from ppd_engine.training.data_order import DataOrder, draw_pairs, rank_slots
+from ppd_engine.training.input import StepLoader
 from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
     scale_grads_, shard_adapters)
@@ -33,18 +34,11 @@ from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid
 from ppd_engine.training.optim import (
     ELEMENTWISE, build_optimizer, load_optimizer_state, lr_at, save_optimizer_state, set_lr)
 from ppd_engine.training.run_folder import continues_run, take_run_folder
-from ppd_engine.training.step import collate, micro_step_loss, pick_user_embeds
+from ppd_engine.training.step import micro_step_loss, pick_user_embeds
 from ppd_engine.losses import official_beta
 
 logger = logging.getLogger(__name__)
 
-
-
-@runtime_checkable
-class EpochAware(Protocol):
-    """A dataset whose items depend on the epoch (e.g. the latent cache's per-epoch random flips)."""
-
-    def set_epoch(self, epoch: int) -> None: ...
 
 
 class BadStepsError(RuntimeError):
@@ -134,6 +128,8 @@ class Trainer:
         self.slots = rank_slots(t.pairs_per_step, t.micro_batch, env.rank, env.world_size)
         self.order = DataOrder(len(self.dataset), t.pairs_per_step, t.seed)
         self.total_steps = t.max_steps or t.epochs * self.order.steps_per_epoch
+        self.input = StepLoader(self.dataset, self.order, self.slots, self.total_steps, env.device,
+                                workers=self.cfg.data.workers, prefetch=self.cfg.data.prefetch)
 
     def _add_adapters(self) -> None:
         from ppd_engine.adapters import add_user_adapters, warn_if_not_exportable
@@ -298,12 +294,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         t = cfg.train
         start = time.perf_counter()
-        indices = self.order.step_indices(self.step)
-        if isinstance(self.dataset, EpochAware):  # e.g. the cache's per-epoch random flips
-            self.dataset.set_epoch(self.order.cursor(self.step)["epoch"])
         sums = None
-        for slots in self.slots:
-            batch = collate([self.dataset[indices[s]] for s in slots], env.device)
+        for slots, batch in zip(self.slots, self.input.batches(self.step)):
             draws = draw_pairs(t.seed, self.step, slots, tuple(batch["latents_w"].shape[1:]),
                                self.model.num_train_timesteps, t.empty_caption_prob, t.user_dropout, env.device)
             embeds = pick_user_embeds(batch["user_id"], draws.embed_choice, self.user_embeddings, self.embed_shape,
@@ -421,7 +413,8 @@ class Trainer:
 
     # -- samples -------------------------------------------------------------------------------
     def write_samples(self, metrics: MetricsLogger) -> Path | None:
-        """A grid (rows: fixed users + the zero embedding; columns: log.sample_prompts) at this step.
+        """A grid (rows: the base model, fixed users, the zero embedding; columns: log.sample_prompts) at
+        this step; latent models decode through their VAE at the latent resolution.
 
         Needs `ppd_engine.sampling.generate`; without it the grid is skipped with a warning."""
         try:
@@ -444,8 +437,11 @@ class Trainer:
         was_training = self.model.unet.training
         self.model.unet.eval()
         with torch.no_grad():
-            images = generate(self.model, prompts * len(rows), embeds, seeds, steps=lc.sample_steps,
-                              guidance=lc.sample_guidance)
+            # The base model's row first (user branch off, same seeds): each column shows what the adapters add.
+            base = generate(self.model, prompts, None, seeds[:len(prompts)], steps=lc.sample_steps,
+                            guidance=lc.sample_guidance)
+            images = torch.cat([base, generate(self.model, prompts * len(rows), embeds, seeds, steps=lc.sample_steps,
+                                               guidance=lc.sample_guidance)])
         self.model.unet.train(was_training)
         if not self.env.is_main:
             return None
@@ -500,5 +496,6 @@ class Trainer:
                 self.save_checkpoint()
         finally:
             metrics.close()
+            self.input.close()
         return TrainResult(run_dir=str(self.run_dir), steps=self.step, last_checkpoint=self.last_checkpoint,
                            final_metrics=row)

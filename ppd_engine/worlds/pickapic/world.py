@@ -1,6 +1,7 @@
-"""Pick-a-Pic v2 as a `World`: pairs -> few-shot split (the shots build the embeddings and are held
-out of training) -> seen users' training pairs -> latent cache (rank 0 builds, the others wait) ->
-one Trainer. Evaluation is its own command (`python -m ppd_engine.eval`)."""
+"""Pick-a-Pic v2 as a `World`: the pair index of data.split (locations, not JPEG bytes) -> few-shot
+split (the shots build the embeddings and are held out of training) -> seen users' training pairs ->
+latent cache (every rank encodes its slice; rank 0 merges) -> one Trainer. The run records the
+parquet files it read in RUN/data.json. Evaluation is its own command (`python -m ppd_engine.eval`)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ class PickapicWorld(World):
         from ppd_engine.data.pickapic import load_pairs
         from ppd_engine.embed.store import EmbeddingStore
         from ppd_engine.models import build_model
-        from ppd_engine.training.distributed import wait_for_main
+        from ppd_engine.training.distributed import key_barrier
 
         d = cfg.data
         pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
-                           decode_images=False, progress=env.is_main)
+                           split=d.split, load_images=False, progress=env.is_main)
+        self.data_record = {"folder": d.folder, "split": d.split, "files": pairs.sources, "stats": pairs.stats}
         shots, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
         seen, unseen = pairs.user_split(unseen_fraction=d.unseen_fraction, seed=d.split_seed)
         seen_set = set(seen)
@@ -45,8 +47,10 @@ class PickapicWorld(World):
         if len(store) == 0:
             raise ValueError(f"data.embeddings={d.embeddings!r} holds no user embeddings; build them first "
                              "(python -m ppd_engine.embed)")
-        embeddings = store.as_mapping()
-        missing = sorted({r.user_id for r in train_records if r.user_id in seen_set} - set(embeddings))
+        trained = {r.user_id for r in train_records if r.user_id in seen_set}
+        # Only the users this run trains are read from the store (and checked finite as they are).
+        embeddings = store.lazy_mapping(trained)
+        missing = sorted(trained - set(embeddings))
         if missing:
             log.warning("%d seen user(s) have no embedding in %s and are not trained on (e.g. %s)",
                         len(missing), d.embeddings, missing[:5])
@@ -57,14 +61,28 @@ class PickapicWorld(World):
                  len({r.user_id for r in records}), len(unseen))
 
         model = build_model(cfg, env.device)
-        if env.is_main:
-            build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
-                        dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=True)
-        wait_for_main(env, "cache")  # the build may take longer than a collective may wait
+        # Every rank encodes its slice of what the cache lacks, so no rank idles while one rank does
+        # all the work; the build's barriers wait on store keys, not on a timed collective.
+        build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
+                    dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
+                    images=pairs.image_reader(), num_workers=d.workers, rank=env.rank, world_size=env.world_size,
+                    barrier=key_barrier(env, "cache"))
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
-        # The cache holds everything the step needs: free the VAE (text encoders stay for the empty caption).
-        model.vae = None
+        # The cache holds everything the step needs. The VAE stays only to decode sample grids
+        # (log.sample_every); text encoders stay for the empty caption.
+        if not cfg.log.sample_every:
+            model.vae = None
         return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized)
+
+    def run(self, cfg, env):
+        result = super().run(cfg, env)
+        if env.is_main:
+            from pathlib import Path
+
+            from ppd_engine.files import write_json_atomic
+
+            write_json_atomic(Path(result.train.run_dir) / "data.json", self.data_record, indent=1)
+        return result
 
 
 def write_users_json(cfg, shots, seen, unseen) -> None:
