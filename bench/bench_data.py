@@ -70,7 +70,7 @@ def main(argv=None):
         rows.append(row("cache_build", f"workers={w}", shape, "fp16", "cpu", t,
                         pairs_per_s=round(n_pairs / (t.median_ms / 1e3), 1)))
 
-    cache = os.path.join(root, f"cache-0-0")
+    cache = os.path.join(root, "cache-0-0")
     ds = PairCacheDataset(cache, pairs.records)
     order = DataOrder(len(ds), 8, seed=0)
     slots = rank_slots(8, 4, 0, 1)

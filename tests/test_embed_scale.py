@@ -19,7 +19,7 @@ from ppd_engine.testing.tiny_vlm import make_tiny_llava
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
-    model = make_tiny_llava(str(root / "vlm"))
+    make_tiny_llava(str(root / "vlm"))
     write_pickapic_fixture(str(root / "data"), extra_users=2, pairs_per_extra_user=8)
     return str(root / "vlm"), str(root / "data")
 

@@ -21,7 +21,7 @@ def test_hub_layout_run_trains_on_train_and_samples_decode_through_the_vae(tmp_p
     from ppd_engine.train import main
 
     data = tmp_path / "pickapic"
-    info = write_hub_layout(str(data), seed=3)
+    write_hub_layout(str(data), seed=3)
     users = sorted(load_pairs(str(data), split="train", progress=False).by_user())
     store = str(tmp_path / "users")
     g = torch.Generator().manual_seed(0)
