@@ -136,3 +136,14 @@ def test_a_dataset_without_user_ids_trains_non_personalized_through_the_cli(tmp_
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["personalized"] is False
     record = json.loads((run / "data.json").read_text())
     assert record["format"] == "columns" and record["stats"]["kept"] == 8
+
+
+def test_a_path_to_a_missing_image_is_a_corrupt_image_named_by_its_path(tmp_path, caplog):
+    _png_dataset(tmp_path)
+    (tmp_path / "img" / "3.png").unlink()            # pair 1's loser
+    with caplog.at_level(logging.WARNING):
+        pairs = load_pairs(str(tmp_path / "mine.parquet"), progress=False, min_pairs_per_user=1,
+                           columns=ColumnMap.parse({"prompt": "prompt", "chosen": "win", "rejected": "lose"}))
+    assert [r.caption for r in pairs.records] == [f"a red thing {k}" for k in range(8) if k != 1]
+    assert pairs.stats["corrupt_images"] == 1 and pairs.stats["corrupt_rows_dropped"] == 1
+    assert any(str(tmp_path / "img" / "3.png") in r.getMessage() for r in caplog.records)
