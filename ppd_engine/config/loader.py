@@ -268,6 +268,7 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     for key, seed in (("train.seed", t.seed), ("data.split_seed", cfg.data.split_seed),
                       ("log.sample_seed", cfg.log.sample_seed)):
         need(0 <= seed < 2**63, key, f"{seed} must be in [0, 2^63)")
+    _validate_columns(cfg.data)
     need(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
@@ -311,6 +312,20 @@ def validate(cfg: Config, runnable: bool = True) -> None:
         world = _world.get_world(cfg.world)
         if runnable:
             world.validate(cfg)
+
+
+def _validate_columns(d) -> None:
+    """data.columns against data.format: the mapping is parsed here so a bad key fails before any load."""
+    if d.format != "columns":
+        if d.columns:
+            raise ConfigError(f"data.columns: only read with data.format=columns (data.format={d.format})")
+        return
+    from ppd_engine.data.columns import ColumnMap
+
+    try:
+        ColumnMap.parse(d.columns)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_loss(cfg: Config) -> None:

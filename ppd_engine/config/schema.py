@@ -65,7 +65,16 @@ class ModelConfig:
 class DataConfig:
     """Pick-a-Pic pairs (world=pickapic) and the user-embedding store."""
 
-    folder: str = _f("", "local folder with the Pick-a-Pic v2 parquet files (world=pickapic)")
+    folder: str = _f("", "local folder with the Pick-a-Pic v2 parquet files (world=pickapic), or with "
+                         "data.format=columns a folder of (or one) parquet file(s) of the user's own columns")
+    format: Literal["pickapic", "columns"] = _f(
+        "pickapic", "pickapic (Pick-a-Pic v2's schema) | columns (a user's own parquet, mapped by data.columns; "
+        "data.split does not apply: point data.folder at one split)")
+    columns: dict[str, str] = _f({}, "data.format=columns: user column of each field: prompt, image_0 + image_1 "
+                                     "(bytes or paths relative to the parquet file) with label (index of the "
+                                     "preferred image) or label_0 [+ label_1] (scores), or chosen + rejected; "
+                                     "optional user_id (without it: non-personalized training); e.g. "
+                                     "data.columns.prompt=text")
     min_pairs_per_user: int = _f(4, "users with fewer labelled pairs are dropped (paper: N = 4)")
     max_users: int = _f(0, "keep the users with the most pairs; 0 = all")
     n_shots: int = _f(4, "few-shot pairs per user that build its embedding; held out of its training pairs")

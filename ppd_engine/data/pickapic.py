@@ -18,6 +18,9 @@ index of the full train split (~1M pairs, ~335 GB of JPEGs) fits in a few hundre
 image sizes; `PickAPicPairs.with_images(records)` reads the bytes of the records that need them in
 row-group order, and `PickAPicPairs.image_reader()` is the picklable reader DataLoader workers use.
 
+`folder` may also be one .parquet file (read whatever its name), and `columns=` maps a user's own
+columns onto the fields below (data/columns.py, data.format=columns).
+
 Files: only `*.parquet` files of the chosen split are read. Other files (README.md, .gitattributes)
 are counted in `files_ignored`; a `.parquet` file that is empty or not parquet at all (no PAR1 magic
 at its start) is skipped, counted in `files_not_parquet` and logged by name; a parquet file that is
@@ -49,6 +52,8 @@ import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
     import PIL.Image
+
+    from ppd_engine.data.columns import ColumnMap
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class PickAPicPairs:
     stats: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     _tables: dict = field(default_factory=dict, repr=False)   # name -> in-memory table (`datasets` path)
+    columns: "ColumnMap | None" = None                        # data.format=columns: the user's column map
 
     def by_user(self) -> dict[str, list[PairRecord]]:
         """user_id -> that user's records in record order; users sorted by id."""
@@ -139,7 +145,7 @@ class PickAPicPairs:
 
     def image_reader(self) -> "PairImageReader":
         """A picklable reader of these records' JPEG bytes (reopens files in each process)."""
-        return PairImageReader(self.sources, self._tables)
+        return PairImageReader(self.sources, self._tables, self.columns)
 
     def with_images(self, records: list[PairRecord]) -> list[PairRecord]:
         """Copies of `records` holding their JPEG bytes (read row group by row group), same order."""
@@ -212,8 +218,11 @@ class _ParquetSource:
         self.columns = set(self.schema.names)
 
     def iter_meta(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        yield from self.iter_batches(batch_rows, list(META_COLUMNS))
+
+    def iter_batches(self, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
         try:
-            yield from self.file.iter_batches(batch_size=batch_rows, columns=list(META_COLUMNS))
+            yield from self.file.iter_batches(batch_size=batch_rows, columns=columns)
         except Exception as e:  # noqa: BLE001 - a corrupt page header surfaces as a thrift OSError
             raise DataFileError(f"{self.name}: corrupt parquet data ({_one_line(e)})") from e
 
@@ -234,9 +243,11 @@ class PairImageReader:
 
     Picklable: parquet handles are opened lazily in the process that reads (DataLoader workers)."""
 
-    def __init__(self, sources: list[str], tables: dict | None = None):
+    def __init__(self, sources: list[str], tables: dict | None = None, columns: "ColumnMap | None" = None):
         self.sources = list(sources)
         self._tables = dict(tables or {})
+        self.columns = columns
+        self._image_columns = list(columns.image_columns if columns else IMAGE_COLUMNS)
         self._files: dict[int, pq.ParquetFile] = {}
         self._starts: dict[int, list[int]] = {}
 
@@ -295,7 +306,7 @@ class PairImageReader:
                 yield r, pair[r.col_w], pair[1 - r.col_w]
             return
         try:
-            group = self._file(si).read_row_group(g, columns=list(IMAGE_COLUMNS))
+            group = self._file(si).read_row_group(g, columns=self._image_columns)
         except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
             raise DataFileError(f"{name}: corrupt parquet data in row group {g} ({_one_line(e)})") from e
         c0, c1 = group.column(0), group.column(1)
@@ -303,6 +314,8 @@ class PairImageReader:
         for r in recs:
             i = r.row - start
             pair = (c0[i].as_py(), c1[i].as_py())
+            if self.columns is not None:
+                pair = tuple(self.columns.image_bytes(v, name) for v in pair)
             yield r, pair[r.col_w], pair[1 - r.col_w]
 
     def iter_pairs(self, records: list[PairRecord]) -> Iterator[tuple[PairRecord, bytes, bytes]]:
@@ -330,7 +343,10 @@ def _is_parquet(path: str) -> str | None:
         return None if f.read(4) == _MAGIC else "truncated"
 
 
-def _sources(folder: str, split: str | None, stats: Counter) -> list:
+def _sources(folder: str, split: str | None, stats: Counter, columns: "ColumnMap | None" = None) -> list:
+    make = columns.source if columns else _ParquetSource
+    if os.path.isfile(folder) and folder.endswith(".parquet"):
+        return [make(folder)]
     if os.path.isdir(folder):
         every = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
         paths = [p for p in every if p.endswith(".parquet")]
@@ -358,9 +374,9 @@ def _sources(folder: str, split: str | None, stats: Counter) -> list:
         if not readable:
             raise FileNotFoundError(f"no *.parquet files under {folder!r}"
                                     + (f" of split {split!r}" if split else ""))
-        return [_ParquetSource(p) for p in readable]
-    if folder.startswith(("/", ".", "~")) or folder.count("/") > 1:
-        raise FileNotFoundError(f"Pick-a-Pic folder {folder!r} does not exist")
+        return [make(p) for p in readable]
+    if folder.startswith(("/", ".", "~")) or folder.count("/") > 1 or columns:
+        raise FileNotFoundError(f"{'data' if columns else 'Pick-a-Pic'} folder {folder!r} does not exist")
     try:
         import datasets
     except ImportError as e:
@@ -443,7 +459,8 @@ def _finite(x) -> bool:
 
 def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None = None,
                decode_images: bool = True, split: str | None = None, verify_images: bool = True,
-               batch_rows: int = 4096, progress: bool = True, load_images: bool = True) -> PickAPicPairs:
+               batch_rows: int = 4096, progress: bool = True, load_images: bool = True,
+               columns: "ColumnMap | None" = None) -> PickAPicPairs:
     """Load filtered Pick-a-Pic v2 pairs from a local folder of parquet files (or a hub id via `datasets`).
 
     min_pairs_per_user: users with fewer valid pairs are dropped (paper: N = 4).
@@ -456,6 +473,8 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
         dropped here rather than at cache build.
     load_images: False = records hold only where their bytes are (no image is read or verified
         here; the cache build and `embed` find corrupt bytes as they decode).
+    columns: a data.columns.ColumnMap = `folder` (a folder or one .parquet file) holds a user's own
+        columns, mapped onto these fields (data.format=columns); None = the Pick-a-Pic schema.
     Returns PickAPicPairs; `stats` holds rows, kept, ties_dropped, not_different_dropped,
     unlabeled_dropped, nonfinite_label_dropped, missing_fields_dropped, corrupt_images,
     corrupt_rows_dropped, pairs_dropped_few_pairs, pairs_dropped_max_users, users_total, users_kept,
@@ -471,9 +490,12 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
     stats = Counter(rows=0, ties_dropped=0, not_different_dropped=0, unlabeled_dropped=0, nonfinite_label_dropped=0,
                     missing_fields_dropped=0, corrupt_images=0, corrupt_rows_dropped=0, files_not_parquet=0,
                     files_ignored=0, files_other_splits=0)
-    sources = _sources(str(folder), split, stats)
+    sources = _sources(str(folder), split, stats, columns)
     for s in sources:
-        _check_columns(s)
+        if columns:
+            s.check()
+        else:
+            _check_columns(s)
 
     # Pass 1: label filtering on the light columns. cand: (source, row, caption, winner, uid0, uid1, user, ranking)
     cands = []
@@ -520,7 +542,7 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
                for si, row, caption, w, u0, u1, user, ranking in cands if user in eligible]
     del cands
     pairs = PickAPicPairs(records=records, sources=[s.name for s in sources],
-                          _tables={s.name: s.table for s in sources if isinstance(s, _TableSource)})
+                          _tables={s.name: s.table for s in sources if isinstance(s, _TableSource)}, columns=columns)
 
     stats["users_dropped_few_pairs"] = len(few_users)
     stats["kept"] = len(records)

@@ -213,3 +213,41 @@ def write_bulk_fixture(folder: str, total_image_bytes: int = 320 << 20, users: i
         if writer is not None:
             writer.close()
     return written
+
+
+def write_columns_twin(pickapic_folder: str, out: str, files: int = 2, row_group_size: int = 3) -> dict:
+    """The Pick-a-Pic fixture under `pickapic_folder`/data re-written as a user's own dataset in
+    `out`: every image as its own file in out/images/ (the corrupt ones too), and `files` parquet
+    files with the columns text, left, right (paths relative to `out`), score_left, score_right and
+    person. A row with are_different=False points both paths at one file and one with
+    has_label=False has no scores, so `load_pairs` must report the same stats for both. Returns the
+    data.columns mapping for it."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    rows = []
+    for path in sorted(glob.glob(os.path.join(pickapic_folder, "data", "*.parquet"))):
+        for r in pq.read_table(path).to_pylist():
+            names = []
+            for j in range(2):
+                name = f"images/{r[f'image_{j}_uid']}.jpg"
+                with open(os.path.join(out, name), "wb") as f:
+                    f.write(r[f"jpg_{j}"])
+                names.append(name)
+            if not r["are_different"]:
+                names[1] = names[0]
+            labelled = r["has_label"]
+            rows.append(dict(text=r["caption"], left=names[0], right=names[1], person=str(r["user_id"]),
+                             score_left=r["label_0"] if labelled else None,
+                             score_right=r["label_1"] if labelled else None))
+    schema = pa.schema([("text", pa.string()), ("left", pa.string()), ("right", pa.string()),
+                        ("person", pa.string()), ("score_left", pa.float64()), ("score_right", pa.float64())])
+    step = -(-len(rows) // files)
+    for f in range(files):
+        table = pa.Table.from_pylist(rows[f * step:(f + 1) * step], schema=schema)
+        pq.write_table(table, os.path.join(out, f"prefs-{f}.parquet"), row_group_size=row_group_size)
+    return {"prompt": "text", "image_0": "left", "image_1": "right", "label_0": "score_left",
+            "label_1": "score_right", "user_id": "person"}

@@ -1,7 +1,11 @@
 """Pick-a-Pic v2 as a `World`: the pair index of data.split (locations, not JPEG bytes) -> few-shot
 split (the shots build the embeddings and are held out of training) -> seen users' training pairs ->
 latent cache (every rank encodes its slice; rank 0 merges) -> one Trainer. The run records the
-parquet files it read in RUN/data.json. Evaluation is its own command (`python -m ppd_engine.eval`)."""
+parquet files it read in RUN/data.json. Evaluation is its own command (`python -m ppd_engine.eval`).
+
+data.format=columns reads a user's own parquet through the same path (data/columns.py); one whose
+data.columns maps no user_id trains every pair on the non-personalized objective, with no
+embeddings, shots or user split."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class PickapicWorld(World):
     def validate(self, cfg) -> None:
         if not cfg.data.folder:
             raise ConfigError("data.folder: world=pickapic needs the Pick-a-Pic parquet folder")
-        if not cfg.data.embeddings:
+        if not cfg.data.embeddings and _has_user_ids(cfg.data):
             raise ConfigError("data.embeddings: world=pickapic needs the user-embedding store "
                               "(python -m ppd_engine.embed writes one)")
         if cfg.model.family == "toy":
@@ -28,16 +32,19 @@ class PickapicWorld(World):
                               "family (sd15, sdxl, cascade; e.g. --config sd15_pickapic)")
 
     def build(self, cfg, env) -> WorldParts:
-        from ppd_engine.cache import PairCacheDataset, build_cache
+        from ppd_engine.data.columns import ColumnMap
         from ppd_engine.data.pickapic import load_pairs
         from ppd_engine.embed.store import EmbeddingStore
-        from ppd_engine.models import build_model
-        from ppd_engine.training.distributed import key_barrier
 
         d = cfg.data
+        columns = ColumnMap.parse(d.columns) if d.format == "columns" else None
         pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
-                           split=d.split, load_images=False, progress=env.is_main)
-        self.data_record = {"folder": d.folder, "split": d.split, "files": pairs.sources, "stats": pairs.stats}
+                           split=None if columns else d.split, load_images=False, progress=env.is_main,
+                           columns=columns)
+        self.data_record = {"folder": d.folder, "format": d.format, "split": None if columns else d.split,
+                            "files": pairs.sources, "stats": pairs.stats}
+        if not _has_user_ids(d):
+            return self._build_unpersonalized(cfg, env, pairs)
         shots, train_records = pairs.few_shot_split(n_shots=d.n_shots, seed=d.split_seed)
         seen, unseen = pairs.user_split(unseen_fraction=d.unseen_fraction, seed=d.split_seed)
         seen_set = set(seen)
@@ -60,19 +67,39 @@ class PickapicWorld(World):
         log.info("training pairs: %d from %d seen users (%d unseen users held out)", len(records),
                  len({r.user_id for r in records}), len(unseen))
 
+        model, dataset = self._cached(cfg, env, pairs, records)
+        return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized)
+
+    def _build_unpersonalized(self, cfg, env, pairs) -> WorldParts:
+        """A dataset without user ids: every pair trains, with no shots and no user split, on the
+        non-personalized objective (the user input is the zero embedding of adapters.user_dim)."""
+        log.info("data.columns maps no user_id: training the non-personalized Diffusion-DPO objective on all "
+                 "%d pairs (train.personalized=false)", len(pairs.records))
+        if not pairs.records:
+            raise ValueError(f"no training pairs left in {cfg.data.folder} after filtering")
+        cfg.train.personalized = False   # so the run's config.yaml says what was trained
+        model, dataset = self._cached(cfg, env, pairs, pairs.records)
+        return WorldParts(model, dataset, None, personalized=False)
+
+    def _cached(self, cfg, env, pairs, records):
+        """The model, and the cached dataset of `records` (the cache built for what it lacks)."""
+        from ppd_engine.cache import PairCacheDataset, build_cache
+        from ppd_engine.models import build_model
+        from ppd_engine.training.distributed import key_barrier
+
         model = build_model(cfg, env.device)
         # Every rank encodes its slice of what the cache lacks, so no rank idles while one rank does
         # all the work; the build's barriers wait on store keys, not on a timed collective.
         build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
                     dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
-                    images=pairs.image_reader(), num_workers=d.workers, rank=env.rank, world_size=env.world_size,
-                    barrier=key_barrier(env, "cache"))
+                    images=pairs.image_reader(), num_workers=cfg.data.workers, rank=env.rank,
+                    world_size=env.world_size, barrier=key_barrier(env, "cache"))
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
         # The cache holds everything the step needs. The VAE stays only to decode sample grids
         # (log.sample_every); text encoders stay for the empty caption.
         if not cfg.log.sample_every:
             model.vae = None
-        return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized)
+        return model, dataset
 
     def run(self, cfg, env):
         result = super().run(cfg, env)
@@ -83,6 +110,11 @@ class PickapicWorld(World):
 
             write_json_atomic(Path(result.train.run_dir) / "data.json", self.data_record, indent=1)
         return result
+
+
+def _has_user_ids(d) -> bool:
+    """Pick-a-Pic always has user ids; a user's own columns have them when data.columns maps user_id."""
+    return d.format != "columns" or "user_id" in d.columns
 
 
 def write_users_json(cfg, shots, seen, unseen) -> None:
