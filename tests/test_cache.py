@@ -252,3 +252,37 @@ def test_missing_cache_is_a_clear_error(tmp_path, pairs):
     with pytest.raises(FileNotFoundError, match="build it first"):
         PairCacheDataset(str(tmp_path), pairs.records)
     assert caption_key("a") != caption_key("b")
+
+
+@pytest.mark.parametrize("kind", ["latents", "texts"])
+def test_a_flipped_shard_byte_is_refused_naming_the_file(tmp_path, sd15, pairs, kind):
+    from ppd_engine.integrity import CorruptFileError
+    from ppd_engine.testing.corrupt import flip_tensor_byte
+
+    cache = str(tmp_path / "cache")
+    build_cache(sd15, pairs.records, cache, batch_size=4, shard_bytes=20_000, progress=False)
+    index = CacheReader(cache).index
+    assert set(index["sha256"]) == set(index["latent_shards"]) | set(index["text_shards"])
+    clean = PairCacheDataset(cache, pairs.records)   # an intact cache verifies and loads
+    assert len(clean) == len(pairs.records)
+    shard = sorted(glob.glob(os.path.join(cache, f"{kind}-*.safetensors")))[-1]
+    flip_tensor_byte(shard)
+    with pytest.raises(CorruptFileError) as err:
+        PairCacheDataset(cache, pairs.records)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(shard + ":") and "sha256" in msg
+    # cache.verify=false trusts the disk: the same cache opens (and serves the flipped value).
+    assert len(PairCacheDataset(cache, pairs.records, verify=False)) == len(pairs.records)
+
+
+def test_a_cache_built_before_hashes_loads_with_a_warning(tmp_path, sd15, pairs, caplog):
+    from ppd_engine.cache.store import read_index, write_index
+
+    cache = str(tmp_path / "cache")
+    build_cache(sd15, pairs.records, cache, batch_size=4, progress=False)
+    index = read_index(cache)
+    del index["sha256"]
+    write_index(cache, index)
+    with caplog.at_level("WARNING"):
+        ds = PairCacheDataset(cache, pairs.records)
+    assert len(ds) == len(pairs.records) and "have no sha256" in caplog.text

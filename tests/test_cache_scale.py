@@ -126,6 +126,8 @@ def test_two_rank_build_equals_one_rank_key_for_key(tmp_path, sd15_dir, data_dir
     mp.spawn(_worker, args=(2, _free_port(), sd15_dir, data_dir, two), nprocs=2, join=True)
     shards = CacheReader(two).index["latent_shards"]
     assert {n.split("-")[1] for n in shards} == {"r000", "r001"}   # both ranks encoded
+    index = CacheReader(two).index   # each rank's part brings the hashes of its shards into the merged index
+    assert set(index["sha256"]) == set(index["latent_shards"]) | set(index["text_shards"])
     c1, c2 = _contents(one), _contents(two)
     assert sorted(c1) == sorted(c2)
     assert sorted(CacheReader(one).index["failed_images"]) == sorted(CacheReader(two).index["failed_images"])

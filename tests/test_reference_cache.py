@@ -124,3 +124,17 @@ def test_a_corrupt_reference_file_is_recomputed(tmp_path):
     path.write_bytes(b"not a safetensors file")
     _, calls = _train(tmp_path, "b", ["train.epochs=1"])
     assert len(calls) > 2 and path.stat().st_size > 100
+
+
+def test_a_flipped_byte_in_the_reference_table_is_recomputed_naming_the_file(tmp_path, caplog):
+    from ppd_engine.testing.corrupt import flip_tensor_byte
+
+    _train(tmp_path, "a", ["train.epochs=1"])
+    (path,) = (tmp_path / "refs").iterdir()
+    _, calls = _train(tmp_path, "clean", ["train.epochs=1"])
+    clean_calls = len(calls)   # an intact table is reused: no reference forwards
+    flip_tensor_byte(path)     # still a valid safetensors file with the right shape and dtype
+    with caplog.at_level(logging.WARNING, logger="ppd_engine.training.reference"):
+        _, calls = _train(tmp_path, "b", ["train.epochs=1"])
+    assert f"{path}: tensor data does not match its sha256" in caplog.text
+    assert len(calls) > clean_calls

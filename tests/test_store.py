@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from ppd_engine.embed.store import EmbeddingStore
+from ppd_engine.embed.store import EmbeddingStore, StoreError
 
 
 def _rand(k, t=3, d=37):
@@ -97,3 +97,69 @@ def test_foreign_folder_rejected(tmp_path):
     save_file({"w": torch.randn(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a user-embedding store"):
         EmbeddingStore(str(tmp_path))
+
+
+def _two_shard_store(path):
+    a, b = _rand(2), _rand(3)
+    EmbeddingStore(path).append("u1", a, {"chunks": [{"profile": "p0"}, {"profile": "p1"}]})
+    EmbeddingStore(path).append("u2", b, {"note": "x"})
+    return a, b
+
+
+def test_a_flipped_tensor_byte_is_refused_naming_the_shard(tmp_path):
+    from ppd_engine.testing.corrupt import flip_tensor_byte
+
+    path = str(tmp_path / "store")
+    a, b = _two_shard_store(path)
+    flip_tensor_byte(os.path.join(path, "r0-00000.safetensors"))
+    s = EmbeddingStore(path)   # opening reads the small indexes only
+    with pytest.raises(StoreError) as err:
+        s.get("u1")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(os.path.join(path, "r0-00000.safetensors") + ":") and "sha256" in msg
+    # The intact shard still serves its user, and its metadata (a separate, intact file) still reads.
+    assert torch.equal(s.get("u2"), b) and s.meta("u1")[1]["profile"] == "p1"
+
+
+def test_a_flipped_metadata_byte_is_refused_naming_the_jsonl(tmp_path):
+    path = str(tmp_path / "store")
+    a, _ = _two_shard_store(path)
+    jsonl = os.path.join(path, "r0-00000.jsonl")
+    text = open(jsonl, encoding="utf-8").read()
+    # Same length and still valid JSON: only the hash can tell.
+    with open(jsonl, "w", encoding="utf-8") as f:
+        f.write(text.replace('"p1"', '"q1"'))
+    s = EmbeddingStore(path)
+    with pytest.raises(StoreError, match=r"r0-00000\.jsonl: content does not match the sha256"):
+        s.meta("u1")
+    assert torch.equal(s.get("u1"), a)
+
+
+def test_a_clean_store_verifies_each_shard_once(tmp_path, monkeypatch):
+    import ppd_engine.embed.store as store_mod
+
+    path = str(tmp_path / "store")
+    a, b = _two_shard_store(path)
+    hashed = []
+    real = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    s = EmbeddingStore(path)
+    for _ in range(2):
+        assert torch.equal(s.get("u1"), a) and torch.equal(s.get("u2"), b)
+        s._tensors.clear()   # force a re-read: the shard must not be hashed again
+        assert [m["profile"] for m in s.meta("u1")] == ["p0", "p1"]
+        s._meta.clear()
+    assert sorted(hashed) == ["r0-00000.jsonl", "r0-00000.safetensors", "r0-00001.safetensors"]
+
+
+def test_a_store_written_before_hashes_loads_with_a_warning(tmp_path, caplog):
+    path = str(tmp_path / "store")
+    a, _ = _two_shard_store(path)
+    idx = os.path.join(path, "r0-00000.json")
+    doc = json.load(open(idx))
+    del doc["sha256"]
+    json.dump(doc, open(idx, "w"))
+    with caplog.at_level("WARNING"):
+        s = EmbeddingStore(path)
+    assert "1 shard(s) record no sha256" in caplog.text and "r0-00000" in caplog.text
+    assert torch.equal(s.get("u1"), a)

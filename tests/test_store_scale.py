@@ -1,6 +1,7 @@
 """The sharded embedding store at Pick-a-Pic scale: 50,000 records, appends that never rewrite,
 lazy reads of one user, several writers, and refusal of non-finite or truncated data at load."""
 
+import json
 import os
 import time
 import tracemalloc
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ppd_engine.embed.store import EmbeddingStore, StoreError
+from ppd_engine.integrity import sha256_file
 
 
 def test_fifty_thousand_records_reopen_and_read_one_user_lazily(tmp_path):
@@ -50,6 +52,11 @@ def test_non_finite_embeddings_are_refused_at_load_naming_the_user(tmp_path):
     # A disk (or another tool) puts a NaN where append never would.
     shard = os.path.join(path, "r0-00001.safetensors")
     save_file({"user/bad": torch.tensor([[[1.0, float("nan"), 0.0, 2.0]]])}, shard)
+    # ... and records the new file's hash, so the content check passes and the finiteness check is reached.
+    index = os.path.join(path, "r0-00001.json")
+    doc = json.load(open(index))
+    doc["sha256"]["safetensors"] = sha256_file(shard)
+    json.dump(doc, open(index, "w"))
     again = EmbeddingStore(path)
     assert again.get("good").shape == (1, 1, 4)
     with pytest.raises(StoreError, match="'bad'.*NaN"):

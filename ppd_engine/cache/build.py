@@ -136,9 +136,10 @@ class _ShardWriter:
         while (name := f"{self.prefix}-r{self.rank:03d}-{n:05d}.safetensors") in self.taken:
             n += 1
         self.taken.add(name)
-        write_shard(os.path.join(self.cache_dir, name), self.buf, self.fp)
+        digest = write_shard(os.path.join(self.cache_dir, name), self.buf, self.fp)
         # Part after shard: a kill between the two leaves an unlisted shard that a later build overwrites.
         self.part[self.kind].append(name)
+        self.part["sha256"][name] = digest
         write_part(self.cache_dir, self.rank, self.part)
         self.buf, self.nbytes = {}, 0
 
@@ -300,7 +301,7 @@ def build_cache(model, records, cache_dir: str, *, resolution: int | None = None
     report.images_failed = sorted(failed_before & set(uids))
     todo_images, todo_texts = _slice(todo_all, rank, world_size), _slice(texts_all, rank, world_size)
 
-    part = {"fingerprint": fp, "latent_shards": [], "text_shards": [], "failed_images": []}
+    part = {"fingerprint": fp, "latent_shards": [], "text_shards": [], "failed_images": [], "sha256": {}}
     writer = _ShardWriter(cache_dir, part, "latent_shards", "latents", fp, shard_bytes, rank, taken)
     sdxl = model.family == "sdxl"
     source = _DecodeCrop(_image_units(records, todo_images, images), images, resolution)
@@ -388,7 +389,7 @@ def _prepare(cache_dir: str, meta: dict, fp: str, on_mismatch: str) -> bool:
         rebuilt, index = True, None
     if index is None:
         write_index(cache_dir, {"format": FORMAT, "fingerprint": fp, "meta": meta, "latent_shards": [],
-                                "text_shards": [], "failed_images": []})
+                                "text_shards": [], "failed_images": [], "sha256": {}})
     merge_parts(cache_dir)
     return rebuilt
 

@@ -35,10 +35,11 @@ class PairCacheDataset(Dataset):
     sequence is reproducible across restarts and DataLoader workers; `set_epoch` changes it.
     Pairs whose images or caption are missing from the cache (e.g. corrupt JPEGs skipped at build)
     are left out and counted in `self.missing`.
+    verify: hash every shard against the index here, before training (see CacheReader).
     """
 
-    def __init__(self, cache_dir: str, records, flip: bool = True, seed: int = 0):
-        self.reader = CacheReader(cache_dir)
+    def __init__(self, cache_dir: str, records, flip: bool = True, seed: int = 0, verify: bool = True):
+        self.reader = CacheReader(cache_dir, verify=verify)
         self.family = self.reader.meta["family"]
         self.flip = bool(flip and self.reader.meta.get("flip", False))
         self.seed = seed

@@ -6,7 +6,8 @@ STORE/ (the path names a folder)
   <writer>-NNNNN.jsonl          one line per user: {"user", "records": [one dict per embedding]}
                                 (profile text, shot uids and captions, model id, prompt sha256, ...)
   <writer>-NNNNN.json           the shard's index, written last: user -> [k, byte offset, byte length
-                                of its jsonl line], shape, dtype. A shard without it is not committed.
+                                of its jsonl line], shape, dtype, and the sha256 of the shard's
+                                .safetensors and .jsonl. A shard without it is not committed.
 
 A user's embeddings are the concatenation of its entries over the shards in name order, so a
 user can gain embeddings in a later append. Every user shares (T_in, Du) (T_in = 1 for
@@ -19,11 +20,14 @@ only and reads a user's tensor (memory-mapped) and jsonl line (one seek) on firs
 training rank holds only the users it trains. Several writers (one per torchrun rank, `writer=`)
 can append to one folder at once: their shard names never collide, and the union of their shards
 is the store. Non-finite embeddings are refused on append and again when a user is read.
+The first read from a shard's .safetensors or .jsonl hashes that whole file (one sequential read)
+and refuses it, naming the file, when it differs from the sha256 its index recorded.
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 from typing import Any, Iterable, Mapping
@@ -31,6 +35,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ppd_engine.files import TEMP_PREFIX, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from ppd_engine.integrity import CorruptFileError, sha256_file
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ppd-user-embeddings/2"
 _PREFIX = "user/"
@@ -38,7 +45,7 @@ _MARKER = "store.json"
 _SHARD = re.compile(r"^(?P<writer>[A-Za-z0-9_]+)-(?P<n>\d{5})\.json$")
 
 
-class StoreError(ValueError):
+class StoreError(CorruptFileError):
     """A store folder that cannot be read; the message names the file or the user."""
 
 
@@ -61,6 +68,8 @@ class EmbeddingStore:
         self._shape: tuple[int, int] | None = None
         self._dtype: str | None = None
         self._shards: list[str] = []
+        self._sha256: dict[str, str | None] = {}   # shard file name -> sha256 its index recorded
+        self._verified: set[str] = set()            # shard files already hashed by this object
         if os.path.isdir(self.path):
             self._open()
 
@@ -84,7 +93,34 @@ class EmbeddingStore:
             self._shape, self._dtype = shape, idx["dtype"]
             for user, (k, off, length) in idx["users"].items():
                 self._where.setdefault(user, []).append((shard, int(k), int(off), int(length)))
+            self._note_hashes(shard, idx.get("sha256"))
             self._shards.append(shard)
+        unhashed = sorted({n.rsplit(".", 1)[0] for n, h in self._sha256.items() if h is None})
+        if unhashed:
+            log.warning("%s: %d shard(s) record no sha256 (written before ppd_engine recorded them; e.g. %s); "
+                        "they are not verified", self.path, len(unhashed), unhashed[0])
+
+    def _note_hashes(self, shard: str, hashes: dict | None) -> None:
+        for ext in ("safetensors", "jsonl"):
+            self._sha256[f"{shard}.{ext}"] = (hashes or {}).get(ext)
+
+    def _verified_path(self, name: str) -> str:
+        """Path of the shard file `name`, hashed against its index on this object's first use of it."""
+        path = os.path.join(self.path, name)
+        if name in self._verified:
+            return path
+        want = self._sha256.get(name)
+        if want is not None:
+            try:
+                got = sha256_file(path)
+            except OSError as e:
+                raise StoreError(f"{path}: cannot read it ({e.strerror or e})") from e
+            if got != want:
+                raise StoreError(f"{path}: content does not match the sha256 in its index "
+                                 f"{name.rsplit('.', 1)[0]}.json (corrupted file); re-embed its users or remove "
+                                 f"that shard's three files")
+        self._verified.add(name)
+        return path
 
     def __len__(self) -> int:
         return len(self._where)
@@ -113,7 +149,7 @@ class EmbeddingStore:
 
             parts = []
             for shard, _, _, _ in self._where[user_id]:
-                path = os.path.join(self.path, shard + ".safetensors")
+                path = self._verified_path(shard + ".safetensors")
                 try:
                     with safe_open(path, framework="pt") as f:
                         parts.append(f.get_tensor(_PREFIX + user_id))
@@ -141,7 +177,7 @@ class EmbeddingStore:
         if m is None:
             m = []
             for shard, _, off, length in self._where[user_id]:
-                with open(os.path.join(self.path, shard + ".jsonl"), "rb") as f:
+                with open(self._verified_path(shard + ".jsonl"), "rb") as f:
                     f.seek(off)
                     m += json.loads(f.read(length))["records"]
             self._meta[user_id] = m
@@ -209,17 +245,22 @@ class EmbeddingStore:
             n += 1
         shard = f"{self.writer}-{n:05d}"
         users = sorted(tensors)
-        save_safetensors_atomic({_PREFIX + u: tensors[u] for u in users}, os.path.join(self.path, shard + ".safetensors"))
+        tensor_path = os.path.join(self.path, shard + ".safetensors")
+        save_safetensors_atomic({_PREFIX + u: tensors[u] for u in users}, tensor_path)
         lines, where, off = [], {}, 0
         for u in users:
             line = json.dumps({"user": u, "records": records[u]}, ensure_ascii=False).encode("utf-8")
             where[u] = [int(tensors[u].shape[0]), off, len(line)]
             lines.append(line)
             off += len(line) + 1
-        write_text_atomic(os.path.join(self.path, shard + ".jsonl"), b"\n".join(lines).decode("utf-8") + "\n")
+        jsonl_path = os.path.join(self.path, shard + ".jsonl")
+        write_text_atomic(jsonl_path, b"\n".join(lines).decode("utf-8") + "\n")
+        # Hashed as they landed on disk (the files were just written, so these reads hit the page cache).
+        hashes = {"safetensors": sha256_file(tensor_path), "jsonl": sha256_file(jsonl_path)}
         # The index last: until it exists the shard is not part of the store (a crash leaves the old store).
         write_json_atomic(os.path.join(self.path, shard + ".json"),
-                          {"format": FORMAT, "shape": list(shape), "dtype": dtype, "users": where})
+                          {"format": FORMAT, "shape": list(shape), "dtype": dtype, "users": where, "sha256": hashes})
+        self._note_hashes(shard, hashes)
         for u in users:
             self._where.setdefault(u, []).append((shard, *where[u]))
             self._tensors.pop(u, None)

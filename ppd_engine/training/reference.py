@@ -17,6 +17,8 @@ pairs per step, number of steps, caption-dropout probability, mixed precision an
 beta, the loss, its options, the learning rate or personalization: a β sweep, every loss variant,
 PPD and its non-personalized baseline, and a resumed run share one file. Anything else recomputes.
 The user embeddings never enter (the reference is the base with the user branch off).
+The file's metadata carries the sha256 of the table; a table that does not match it (flipped
+bytes) is recomputed with a warning naming the file, as an unreadable one is.
 
 Not valid, and then the trainer runs the reference online (with a log line saying why): the
 `stacked` paired strategy (its point is to batch the reference with the policy), losses that read
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from ppd_engine.files import save_safetensors_atomic
+from ppd_engine.integrity import TENSORS_SHA256, tensors_sha256
 from ppd_engine.training.data_order import DataOrder, PairDraws, draw_pairs
 
 logger = logging.getLogger(__name__)
@@ -234,12 +237,22 @@ def load_reference(path: Path, fp: str, shape: tuple[int, int, int]) -> torch.Te
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != fp:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fp:
                 logger.info("reference pass: %s has another fingerprint; recomputing", path)
                 return None
             table = f.get_tensor(_KEY)
     except Exception as exc:  # a truncated or foreign file: recompute rather than fail the run
         logger.warning("reference pass: cannot read %s (%s); recomputing", path, exc)
+        return None
+    recorded = meta.get(TENSORS_SHA256)
+    if recorded is None:
+        logger.warning("reference pass: %s records no '%s' (written by an older ppd_engine); not verified", path,
+                       TENSORS_SHA256)
+    elif tensors_sha256({_KEY: table}) != recorded:
+        # Flipped bytes inside the table would shift every reference loss: never train on them.
+        logger.warning("reference pass: %s: tensor data does not match its sha256 (corrupted file); recomputing",
+                       path)
         return None
     if tuple(table.shape) != shape or table.dtype != torch.float64:
         logger.warning("reference pass: %s holds %s %s, expected %s float64; recomputing", path,
@@ -250,8 +263,9 @@ def load_reference(path: Path, fp: str, shape: tuple[int, int, int]) -> torch.Te
 
 def save_reference(path: Path, table: torch.Tensor, fp: str, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic({_KEY: table.contiguous()}, path,
-                            metadata={"fingerprint": fp, "meta": json.dumps(meta, sort_keys=True)})
+    tensors = {_KEY: table.contiguous()}
+    save_safetensors_atomic(tensors, path, metadata={"fingerprint": fp, "meta": json.dumps(meta, sort_keys=True),
+                                                     TENSORS_SHA256: tensors_sha256(tensors)})
 
 
 def load_or_compute(*, model, adapters, dataset, order: DataOrder, total_steps: int, seed: int,

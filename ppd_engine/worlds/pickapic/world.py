@@ -94,7 +94,8 @@ class PickapicWorld(World):
                     dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
                     images=pairs.image_reader(), num_workers=cfg.data.workers, rank=env.rank,
                     world_size=env.world_size, barrier=key_barrier(env, "cache"))
-        dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed)
+        dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed,
+                                   verify=cfg.cache.verify)
         # The cache holds everything the step needs. The VAE stays only to decode sample grids
         # (log.sample_every); text encoders stay for the empty caption.
         if not cfg.log.sample_every:
