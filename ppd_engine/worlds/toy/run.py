@@ -180,6 +180,10 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
         _save_store(run_dir / TRAIN_EMBEDDINGS_FILE, train_embeds, {
             n: {"source": f"random {tc.n_shots}-subsets of the training pairs"} for n in train_embeds})
     cfg.data.embeddings = str((run_dir / EMBEDDINGS_FILE).resolve())
+    if not cfg.train.reference_dir:
+        # PPD, its DPO baseline and the oracle run share base, data, seed and draws: one reference
+        # pass serves all three (the default RUN/../reference would give RUN/dpo another folder).
+        cfg.train.reference_dir = str(run_dir / "reference")
 
     base = load_toy_model(tc)
     dataset = ToyPairDataset(world, base.encode_text)
