@@ -92,3 +92,16 @@ def test_bad_held_out_sets_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"eval_sets\['seen'\] has no pairs"):
         Trainer(cfg, tiny_model("sd15"), make_items(model, 8), make_embeddings(), str(tmp_path / "b"),
                 eval_sets={"seen": []})
+
+
+def test_held_out_numbers_reach_the_trackers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _trainer(tmp_path, ["train.max_steps=2", "log.eval_every=2", "log.report_to=tensorboard"]).fit()
+    rows = {r["step"]: r for r in _rows(tmp_path)}
+    tb = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0}).Reload()
+    for key in ("eval/seen/loss", "eval/unseen/implicit_acc"):
+        events = tb.Scalars(key)
+        assert [e.step for e in events] == [0, 2]
+        assert [e.value for e in events] == pytest.approx([rows[0][key], rows[2][key]], rel=1e-6)
+    assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
