@@ -105,3 +105,24 @@ def test_held_out_numbers_reach_the_trackers(tmp_path):
         assert [e.step for e in events] == [0, 2]
         assert [e.value for e in events] == pytest.approx([rows[0][key], rows[2][key]], rel=1e-6)
     assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
+
+
+def test_pickapic_world_evaluates_the_shots_of_seen_and_unseen_users(tmp_path):
+    from ppd_engine.testing.pickapic_fixture import write_fixture_with_embeddings
+    from ppd_engine.testing.tiny_pipelines import make_tiny_pipeline
+    from ppd_engine.train import main
+
+    data, store_path, _ = write_fixture_with_embeddings(str(tmp_path))
+    run = tmp_path / "run"
+    rc = main(["world=pickapic", f"data.folder={data}", f"data.embeddings={store_path}", "model.family=sd15",
+               f"model.pretrained={make_tiny_pipeline('sd15', str(tmp_path / 'pipe'))}", "model.resolution=32",
+               f"cache.dir={tmp_path / 'cache'}", f"log.run_dir={run}", "data.unseen_fraction=0.2", *FAST,
+               "train.max_steps=2", "log.eval_every=2"])
+    assert rc == 0
+    users = json.loads((run / "users.json").read_text())["users"]
+    assert {u["role"] for u in users.values()} == {"seen", "unseen"}
+    rows = {r["step"]: r for r in _rows(run)}
+    assert sorted(rows) == [0, 1, 2]
+    for step in (0, 2):
+        assert {"eval/seen/loss", "eval/unseen/loss"} <= set(rows[step])
+    assert rows[0]["eval/unseen/loss"] == pytest.approx(math.log(2), abs=1e-7)
