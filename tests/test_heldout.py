@@ -18,8 +18,9 @@ def _sets(model):
     from ppd_engine.training.heldout import HeldOutSet
 
     unseen = [dict(it, user_id="stranger") for it in make_items(model, 3, seed=8, users=1)]
+    stranger = torch.randn(1, 2, 24, generator=torch.Generator().manual_seed(3))
     return {"seen": make_items(model, 5, seed=7),  # 5: the last micro-batch is short
-            "unseen": HeldOutSet(unseen, {"stranger": torch.randn(1, 2, 24, generator=torch.Generator().manual_seed(3))})}
+            "unseen": HeldOutSet(unseen, {"stranger": stranger})}
 
 
 def _trainer(tmp_path, extra, eval_on=True):
@@ -63,7 +64,7 @@ def test_step_zero_is_ln2_repeatable_and_touches_nothing(tmp_path):
 
 def test_eval_on_trains_bitwise_like_eval_off_and_logs_at_eval_steps(tmp_path):
     on = _trainer(tmp_path / "on", ["train.max_steps=4", "log.eval_every=2"]).fit()
-    off = _trainer(tmp_path / "off", ["train.max_steps=4"], eval_on=False).fit()
+    _trainer(tmp_path / "off", ["train.max_steps=4"], eval_on=False).fit()
     rows_on, rows_off = _rows(tmp_path / "on"), _rows(tmp_path / "off")
     assert [r["step"] for r in rows_on] == [0, 1, 2, 3, 4]
     assert [r["loss"] for r in rows_on[1:]] == [r["loss"] for r in rows_off]
@@ -78,10 +79,9 @@ def test_eval_on_trains_bitwise_like_eval_off_and_logs_at_eval_steps(tmp_path):
 
 
 def test_bad_held_out_sets_are_refused(tmp_path):
-    from ppd_engine.training.heldout import HeldOutSet
-
     from ppd_engine.config import load_config
     from ppd_engine.training import Trainer
+    from ppd_engine.training.heldout import HeldOutSet
 
     model = tiny_model("sd15")
     cfg = load_config(None, [*FAST, "train.max_steps=1", "log.eval_every=1"])

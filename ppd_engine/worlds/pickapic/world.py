@@ -33,9 +33,9 @@ class PickapicWorld(World):
                               "family (sd15, sdxl, cascade; e.g. --config sd15_pickapic)")
 
     def build(self, cfg, env) -> WorldParts:
+        from ppd_engine.cache import PairCacheDataset
         from ppd_engine.data.columns import ColumnMap
         from ppd_engine.data.pickapic import load_pairs
-        from ppd_engine.cache import PairCacheDataset
         from ppd_engine.embed.store import EmbeddingStore
         from ppd_engine.training.heldout import HeldOutSet
 
@@ -103,8 +103,8 @@ class PickapicWorld(World):
         model = build_model(cfg, env.device)
         # Every rank encodes its slice of what the cache lacks, so no rank idles while one rank does
         # all the work; the build's barriers wait on store keys, not on a timed collective.
-        build_cache(model, [*records, *also], cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
-                    dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
+        build_cache(model, [*records, *also], cfg.cache.dir, resolution=cfg.model.resolution or None,
+                    flip=cfg.cache.flip, dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
                     images=pairs.image_reader(), num_workers=cfg.data.workers, rank=env.rank,
                     world_size=env.world_size, barrier=key_barrier(env, "cache"))
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed,
