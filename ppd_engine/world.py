@@ -22,12 +22,14 @@ from ppd_engine.config.schema import ConfigError, register_section
 
 @dataclass
 class WorldParts:
-    """What a world hands the trainer: a frozen DiffusionModel, the training items and user embeddings."""
+    """What a world hands the trainer: a frozen DiffusionModel, the training items and user embeddings,
+    and optionally held-out sets (name -> training.heldout.HeldOutSet, evaluated every log.eval_every)."""
 
     model: Any
     dataset: Any
     embeddings: Mapping[str, Any] | None
     personalized: bool = True
+    eval_sets: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -64,7 +66,7 @@ class World:
 
         parts = self.build(cfg, env)
         result = Trainer(cfg, parts.model, parts.dataset, parts.embeddings, cfg.log.run_dir,
-                         personalized=parts.personalized, env=env).fit()
+                         personalized=parts.personalized, env=env, eval_sets=parts.eval_sets).fit()
         return WorldResult(train=result, report=self.evaluate(cfg, parts, result))
 
     def evaluate(self, cfg, parts: WorldParts, train_result) -> dict | None:

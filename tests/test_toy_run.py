@@ -2,6 +2,7 @@
 default run), the report recomputed from the saved PNGs, and the sampling CLI on the result."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,16 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
     assert report["summary"]["budget"]["steps"] == report["summary"]["budget"]["dpo_steps"] == 3
     # The figures and the page that links them.
     md = (run / "report.md").read_text()
-    for fig in ("win_rates", "interpolation_warm_bright__cool_dark", "training", *(f"rewards/{u}" for u in users)):
+    # Held-out evaluation (log.eval_every=2): steps 0 and 2 of every trained run, seen and unseen users.
+    for folder in (run, run / "dpo", run / "oracle"):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        held = {r["step"]: r for r in rows if "eval/seen/loss" in r}
+        assert sorted(held) == [0, 2] and all("eval/unseen/implicit_acc" in r for r in held.values())
+        # Policy == reference at step 0, up to the toy attention's rounding (tests/test_heldout.py pins 0 exactly).
+        assert held[0]["eval/seen/loss"] == pytest.approx(math.log(2), abs=1e-7)
+        assert abs(held[0]["eval/unseen/reward_margin"]) < 1e-12
+    for fig in ("win_rates", "interpolation_warm_bright__cool_dark", "training", "heldout",
+                *(f"rewards/{u}" for u in users)):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 0 and f"figures/{fig}.png" in md
     # The report is exactly what the PNGs say, intervals included.
     meta = {n: {"split": u["split"], "weights": u["weights"]} for n, u in users.items()}

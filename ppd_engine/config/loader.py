@@ -294,6 +294,7 @@ def validate(cfg: Config, runnable: bool = True) -> None:
     need(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", f"{cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.sample_every >= 0, "log.sample_every", f"{cfg.log.sample_every} must be >= 0")
+    need(cfg.log.eval_every >= 0, "log.eval_every", f"{cfg.log.eval_every} must be >= 0")
     need(o.num_cycles >= 1, "optim.num_cycles", f"{o.num_cycles} must be >= 1")
     need(o.power > 0, "optim.power", f"{o.power} must be > 0")
     need(not (o.scheduler == "constant" and o.warmup_steps), "optim.warmup_steps",

@@ -227,6 +227,9 @@ class LogConfig:
         "at start-up (replaces log.tensorboard, still read: true = tensorboard, false = none)")
     project: str = _f("ppd_engine", "wandb project / MLflow experiment the run is logged under")
     progress: bool = _f(True, "show the tqdm progress bar")
+    eval_every: int = _f(0, "every this many steps (and at step 0), the loss, implicit accuracy and reward margin on "
+                            "the world's fixed held-out pairs (seen users' and unseen users'), logged as "
+                            "eval/<set>/<stat>; 0 = never (a world without held-out sets ignores it)")
     sample_every: int = _f(0, "write RUN/samples/step-N.png every this many steps; 0 = never")
     sample_prompts: list[str] = _f(["a photo of a cat", "a mountain lake at sunrise"],
                                    "prompts (grid columns) of the sample grid")

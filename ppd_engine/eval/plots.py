@@ -2,8 +2,8 @@
 
 Generic helpers, usable by any world's report: win-rate bars per user with 95% intervals (seen and
 unseen users told apart, goal lines), reward distributions per model, reward-vs-λ curves, a
-per-category heatmap (PartiPrompts), and training curves of several runs overlaid from their
-metrics.jsonl. `evaluation_figures` draws the set an `eval` results.json supports.
+per-category heatmap (PartiPrompts), and training curves (and held-out evaluation curves) of
+several runs overlaid from their metrics.jsonl. `evaluation_figures` draws the set an `eval` results.json supports.
 """
 
 from __future__ import annotations
@@ -151,19 +151,25 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def training_curves(path, runs: Mapping[str, str | os.PathLike], keys: Sequence[str] = TRAINING_KEYS) -> str:
-    """One panel per metric key, every run's curve overlaid (x = step)."""
+def training_curves(path, runs: Mapping[str, str | os.PathLike], keys: Sequence[str] = TRAINING_KEYS,
+                    sets: Sequence[str] = ()) -> str:
+    """One panel per metric key, every run's curve overlaid (x = step). With `sets`, the held-out
+    evaluation's curves instead (metrics.jsonl's eval/<set>/<key>): one line per run and set, a
+    colour per run, a line style per set, a dot per evaluation."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for name, d in runs.items():
+    series = [(f" {s}", f"eval/{s}/", ("-", "--", ":", "-.")[i % 4]) for i, s in enumerate(sets)] or [("", "", "-")]
+    for i, (name, d) in enumerate(runs.items()):
         rows = read_metrics(d)
         for ax, key in zip(axes[0], keys):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), label=name, lw=1)
+            for label, prefix, style in series:
+                pts = [(r["step"], r[prefix + key]) for r in rows if isinstance(r.get(prefix + key), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), label=name + label, lw=1, color=f"C{i}", ls=style,
+                            marker="o" if sets else None, ms=3)
     for ax, key in zip(axes[0], keys):
         ax.set_xlabel("step")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(f"held-out {key}" if sets else key, fontsize=9)
         ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -1,4 +1,5 @@
-"""What a run reports: RUN/metrics.jsonl (one line per step), the trackers of log.report_to
+"""What a run reports: RUN/metrics.jsonl (one line per step; with log.eval_every the eval/<set>/<stat>
+held-out numbers join their step's line, and a line of them alone is step 0), the trackers of log.report_to
 (ppd_engine/trackers.py: TensorBoard, wandb, MLflow), the tqdm bar and sample grids. Only rank 0
 writes; the numbers are already averaged over ranks.
 """
@@ -85,9 +86,12 @@ class MetricsLogger:
         if self.trackers:
             values = {f"train/{k}": row[k] for k in METRIC_KEYS + ("skipped", "bad_steps_total")
                       if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])}
+            # Held-out rows (training/heldout.py) already carry their tracker names: eval/<set>/<stat>.
+            values.update({k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))
+                           and math.isfinite(v)})
             for t in self.trackers:
                 t.log(values, step=step)
-        if self.bar is not None:
+        if self.bar is not None and "loss" in row:  # the step-0 held-out row is no training step
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['implicit_acc']:.2f}",
                                  lr=f"{row['lr']:.2e}", pairs_s=f"{row['pairs_per_s']:.1f}", refresh=False)
             self.bar.update(1)

@@ -29,6 +29,7 @@ from ppd_engine.training.distributed import (
     DistEnv, LocalShardParams, ReplicatedGradSync, all_reduce_sum, barrier, global_grad_norm, init_distributed,
     scale_grads_, shard_adapters)
 from ppd_engine.training.finite import StepSnapshot, all_finite
+from ppd_engine.training.heldout import HeldOutEvaluator, HeldOutSet
 from ppd_engine.training.precision import LossScaler, autocast_dtype, set_tf32
 from ppd_engine.training.metrics import MetricsLogger, peak_memory_mb, save_grid_png, truncate_metrics
 from ppd_engine.training.optim import (
@@ -83,10 +84,13 @@ class Trainer:
         run_dir: the run folder (config.yaml, metrics.jsonl, checkpoints/, samples/, tb/).
         personalized: False = the non-personalized Diffusion-DPO baseline: the same adapters, but the
             user input is always the zero embedding.
+        eval_sets: name -> held-out pairs (a HeldOutSet, or items alone to use `user_embeddings`),
+            evaluated every log.eval_every steps and at step 0 (training/heldout.py).
     """
 
     def __init__(self, cfg: Config, model, dataset, user_embeddings: Mapping[str, torch.Tensor] | None,
-                 run_dir: str, personalized: bool = True, env: DistEnv | None = None):
+                 run_dir: str, personalized: bool = True, env: DistEnv | None = None,
+                 eval_sets: Mapping[str, HeldOutSet | list] | None = None):
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.run_dir = Path(run_dir)
         self.personalized = personalized
@@ -105,6 +109,10 @@ class Trainer:
         self._prepare_conditioning()
         self._prepare_run_folder()
         self._prepare_reference()
+        self.heldout = None if not (eval_sets and cfg.log.eval_every) else HeldOutEvaluator(
+            eval_sets, model=model, cfg=cfg, user_embeddings=user_embeddings, embed_shape=self.embed_shape,
+            personalized=personalized, empty_text=self.empty_text, empty_pooled=self.empty_pooled,
+            autocast_dtype=self.autocast, device=self.env.device)
 
     # -- setup, one named step each -------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -462,8 +470,12 @@ class Trainer:
         row: dict = {}
         saved_at = self.step if self.resume_from is not None else -1
         try:
+            if self.heldout is not None and self.step == 0:
+                metrics.log({"step": 0, **self.heldout.evaluate()})
             while self.step < self.total_steps:
                 row = self.train_step()
+                if self.heldout is not None and self.step % cfg.log.eval_every == 0:
+                    row.update(self.heldout.evaluate())
                 metrics.log(row)
                 if row.get("overflow"):
                     logger.info("step %d: fp16 gradients overflowed; step skipped, loss scale now %g", self.step,

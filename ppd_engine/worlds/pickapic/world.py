@@ -1,6 +1,7 @@
 """Pick-a-Pic v2 as a `World`: the pair index of data.split (locations, not JPEG bytes) -> few-shot
 split (the shots build the embeddings and are held out of training) -> seen users' training pairs ->
-latent cache (every rank encodes its slice; rank 0 merges) -> one Trainer. The run records the
+latent cache (every rank encodes its slice; rank 0 merges) -> one Trainer, which with log.eval_every
+evaluates the seen and the unseen users' shot pairs as held-out sets. The run records the
 parquet files it read in RUN/data.json. Evaluation is its own command (`python -m ppd_engine.eval`).
 
 data.format=columns reads a user's own parquet through the same path (data/columns.py); one whose
@@ -32,9 +33,11 @@ class PickapicWorld(World):
                               "family (sd15, sdxl, cascade; e.g. --config sd15_pickapic)")
 
     def build(self, cfg, env) -> WorldParts:
+        from ppd_engine.cache import PairCacheDataset
         from ppd_engine.data.columns import ColumnMap
         from ppd_engine.data.pickapic import load_pairs
         from ppd_engine.embed.store import EmbeddingStore
+        from ppd_engine.training.heldout import HeldOutSet
 
         d = cfg.data
         columns = ColumnMap.parse(d.columns) if d.format == "columns" else None
@@ -67,8 +70,17 @@ class PickapicWorld(World):
         log.info("training pairs: %d from %d seen users (%d unseen users held out)", len(records),
                  len({r.user_id for r in records}), len(unseen))
 
-        model, dataset = self._cached(cfg, env, pairs, records)
-        return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized)
+        # Held-out sets of log.eval_every: the shot pairs of seen and of unseen users (held out of
+        # training; they are what each user's embedding was built from).
+        eval_embeds = store.lazy_mapping(set(embeddings) | set(unseen))
+        held = {role: [r for u in sorted(users & set(eval_embeds)) for r in shots.get(u, [])]
+                for role, users in (("seen", set(embeddings)), ("unseen", set(unseen)))} if cfg.log.eval_every else {}
+        held = {role: recs for role, recs in held.items() if recs}
+        model, dataset = self._cached(cfg, env, pairs, records, also=[r for recs in held.values() for r in recs])
+        eval_sets = {role: HeldOutSet(PairCacheDataset(cfg.cache.dir, recs, flip=False, seed=cfg.train.seed,
+                                                       verify=cfg.cache.verify), eval_embeds)
+                     for role, recs in held.items()}
+        return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized, eval_sets=eval_sets)
 
     def _build_unpersonalized(self, cfg, env, pairs) -> WorldParts:
         """A dataset without user ids: every pair trains, with no shots and no user split, on the
@@ -81,8 +93,9 @@ class PickapicWorld(World):
         model, dataset = self._cached(cfg, env, pairs, pairs.records)
         return WorldParts(model, dataset, None, personalized=False)
 
-    def _cached(self, cfg, env, pairs, records):
-        """The model, and the cached dataset of `records` (the cache built for what it lacks)."""
+    def _cached(self, cfg, env, pairs, records, also=()):
+        """The model, and the cached dataset of `records` (the cache built for what it lacks of them and
+        of the records `also` needs cached: the held-out sets')."""
         from ppd_engine.cache import PairCacheDataset, build_cache
         from ppd_engine.models import build_model
         from ppd_engine.training.distributed import key_barrier
@@ -90,8 +103,8 @@ class PickapicWorld(World):
         model = build_model(cfg, env.device)
         # Every rank encodes its slice of what the cache lacks, so no rank idles while one rank does
         # all the work; the build's barriers wait on store keys, not on a timed collective.
-        build_cache(model, records, cfg.cache.dir, resolution=cfg.model.resolution or None, flip=cfg.cache.flip,
-                    dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
+        build_cache(model, [*records, *also], cfg.cache.dir, resolution=cfg.model.resolution or None,
+                    flip=cfg.cache.flip, dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
                     images=pairs.image_reader(), num_workers=cfg.data.workers, rank=env.rank,
                     world_size=env.world_size, barrier=key_barrier(env, "cache"))
         dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed,

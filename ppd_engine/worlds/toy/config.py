@@ -44,6 +44,9 @@ class ToyConfig:
         "help": "users never trained on; only their 4 few-shot pairs are read, at evaluation"})
     pairs_per_user: int = field(default=512, metadata={
         "help": "labelled preference pairs generated per seen user (training data)"})
+    heldout_pairs: int = field(default=12, metadata={
+        "help": "labelled pairs per user (seen and unseen), drawn apart from the training pairs and shots: the "
+                "held-out sets of log.eval_every (eval/seen/*, eval/unseen/*); 0 = none"})
     label_scale: float = field(default=20.0, metadata={
         "help": "Bradley-Terry sharpness: P(a preferred) = sigmoid(label_scale * (r_a - r_b)); "
                 "lower = noisier labels"})
@@ -104,6 +107,7 @@ class ToyConfig:
                     "sample_steps", "eval_batch", "interpolation_samples", "report_samples", "bootstrap",
                     "identify_draws", "encoder_components"):
             need(getattr(self, key) >= 1, key, f"{getattr(self, key)} must be >= 1")
+        need(self.heldout_pairs >= 0, "heldout_pairs", f"{self.heldout_pairs} must be >= 0 (0 = none)")
         need(self.threads >= 0, "threads", f"{self.threads} must be >= 0 (0 = torch's default)")
         need(self.n_shots < self.pairs_per_user, "n_shots",
              f"{self.n_shots} shots need more than toy.pairs_per_user={self.pairs_per_user} pairs")

@@ -3,7 +3,8 @@
 For every user (seen and unseen) the world draws, from its own seeded stream:
 - `shots`: N = 4 held-out labelled pairs — the only thing its evaluation embedding is built from;
 - for seen users only, `pairs_per_user` labelled training pairs; K few-shot embeddings for
-  training come from random N-subsets of these (different subsets of the same user).
+  training come from random N-subsets of these (different subsets of the same user);
+- `heldout`: `heldout_pairs` labelled pairs never trained on, the held-out sets of log.eval_every.
 Both images of a pair show the same shape (so share a caption) and differ in colour, like two
 generations for one prompt; the label is Bradley-Terry on the user's own reward (noisy).
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from ppd_engine.training.heldout import HeldOutSet
 from ppd_engine.worlds.toy.config import ToyConfig
 from ppd_engine.worlds.toy.fewshot import PairDifferenceEncoder
 from ppd_engine.worlds.toy.scenes import SHAPES, make_scenes
@@ -41,6 +43,7 @@ class ToyUserData:
     split: str               # "seen" | "unseen"
     shots: LabelledPairs     # the N held-out few-shot pairs
     train: LabelledPairs | None
+    heldout: LabelledPairs | None = None  # never trained on: the held-out evaluation's pairs
 
 
 def user_generator(seed: int, name: str, stream: str) -> torch.Generator:
@@ -79,7 +82,11 @@ def build_world(cfg: ToyConfig) -> dict[str, ToyUserData]:
             if split == "seen":
                 train = labelled_pairs(user, cfg.pairs_per_user, cfg.image_size, cfg.label_scale,
                                        user_generator(cfg.seed, name, "train"))
-            world[name] = ToyUserData(user, split, shots, train)
+            heldout = None
+            if cfg.heldout_pairs:
+                heldout = labelled_pairs(user, cfg.heldout_pairs, cfg.image_size, cfg.label_scale,
+                                         user_generator(cfg.seed, name, "heldout"))
+            world[name] = ToyUserData(user, split, shots, train, heldout)
     return world
 
 
@@ -103,15 +110,18 @@ def few_shot_embeddings(world: dict[str, ToyUserData], encoder: PairDifferenceEn
 
 
 class ToyPairDataset(Dataset):
-    """Seen users' training pairs as trainer items (INTERFACES "Training dataset items").
+    """Seen users' training pairs as trainer items (INTERFACES "Training dataset items"); with
+    part="heldout", the held-out pairs of the users of `split` ("seen" | "unseen"; None = all).
 
     latents_w / latents_l: (3, H, W) pixels in [-1, 1] (the toy model has no VAE);
     text: (T, D) caption states from the frozen toy text encoder; user_id; pair_id.
     """
 
-    def __init__(self, world: dict[str, ToyUserData], encode_text):
+    def __init__(self, world: dict[str, ToyUserData], encode_text, part: str = "train", split: str | None = None):
         self.index: list[tuple[str, int]] = []
-        self.data = {n: d.train for n, d in world.items() if d.train is not None}
+        self.part = part
+        self.data = {n: getattr(d, part) for n, d in world.items()
+                     if getattr(d, part) is not None and split in (None, d.split)}
         for name, pairs in self.data.items():
             self.index.extend((name, i) for i in range(len(pairs)))
         captions = sorted({c for p in self.data.values() for c in p.captions})
@@ -129,5 +139,14 @@ class ToyPairDataset(Dataset):
             "latents_l": p.losers[j] * 2.0 - 1.0,
             "text": self.text[p.captions[j]],
             "user_id": name,
-            "pair_id": f"{name}/{j}",
+            "pair_id": f"{name}/{j}" if self.part == "train" else f"{name}/{self.part}/{j}",
         }
+
+
+def heldout_sets(world: dict[str, ToyUserData], encode_text, embeddings: dict[str, torch.Tensor]
+                 ) -> dict[str, HeldOutSet]:
+    """The trainer's eval_sets: "seen" and "unseen" users' held-out pairs (a split without users or
+    held-out pairs is left out), each user read through `embeddings` (its evaluation embedding)."""
+    return {split: HeldOutSet(ToyPairDataset(world, encode_text, "heldout", split), embeddings)
+            for split in ("seen", "unseen")
+            if any(d.split == split and d.heldout is not None for d in world.values())}

@@ -6,6 +6,8 @@
     RUN/figures/interpolation_<A>__<B>.png  mean reward of both users against the mixing weight
     RUN/figures/training.png            loss, implicit accuracy and reward margin per step of every
                                         trained run (PPD, DPO, oracle PPD), from their metrics.jsonl
+    RUN/figures/heldout.png             the same on the held-out pairs (log.eval_every): seen users'
+                                        unused pairs (solid) and unseen users' pairs (dashed)
     RUN/report.md                       the goals, the identification numbers and links to all of them
 """
 
@@ -50,8 +52,12 @@ def write_figures(run_dir: str | os.PathLike, report: dict) -> Path:
             rho={f"reward of {r['first']}": r["spearman_rho"]}, ylabel="mean own reward",
             title=f"lambda * {r['first']} + (1 - lambda) * {r['second']}")))
     runs = {"ppd": run_dir, "dpo": run_dir / "dpo", "ppd_oracle": run_dir / "oracle"}
-    made.append(("Training curves", plots.training_curves(
-        fig / "training.png", {n: d for n, d in runs.items() if (d / "metrics.jsonl").is_file()})))
+    runs = {n: d for n, d in runs.items() if (d / "metrics.jsonl").is_file()}
+    made.append(("Training curves", plots.training_curves(fig / "training.png", runs)))
+    sets = [s for s in SPLITS if any(f"eval/{s}/loss" in r for d in runs.values() for r in plots.read_metrics(d))]
+    if sets:
+        made.append(("Held-out curves (seen users' unused pairs, unseen users' pairs)",
+                     plots.training_curves(fig / "heldout.png", runs, sets=sets)))
     for name, u in report["users"].items():
         made.append((f"Own reward of {name} ({u['split']})", plots.reward_distributions(
             fig / "rewards" / f"{name}.png", u["rewards"], f"own reward of {name}")))

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ppd_engine.files import save_image_atomic
-from ppd_engine.worlds.toy.dataset import ToyPairDataset, build_world, few_shot_embeddings
+from ppd_engine.worlds.toy.dataset import ToyPairDataset, build_world, few_shot_embeddings, heldout_sets
 from ppd_engine.worlds.toy.fewshot import FewShotEncoder
 from ppd_engine.worlds.toy.figures import write_figures
 from ppd_engine.worlds.toy.identify import identification
@@ -192,17 +192,21 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
              100 * sum(label_agree.values()) / len(label_agree))
     t_setup = time.perf_counter() - t0
 
-    def train(folder: Path, personalized: bool, train_embeds, what: str):
+    def train(folder: Path, personalized: bool, train_embeds, eval_embeds, what: str):
         t = time.perf_counter()
         model = load_toy_model(tc)
         sub = copy.deepcopy(cfg)
         sub.log.run_dir = str(folder)
         log.info("training %s -> %s", what, folder)
-        result = Trainer(sub, model, dataset, train_embeds, str(folder), personalized=personalized, env=env).fit()
+        # Held-out curves (log.eval_every): seen users' unused pairs and unseen users' pairs, each user
+        # through its evaluation embedding (the DPO baseline reads none).
+        result = Trainer(sub, model, dataset, train_embeds, str(folder), personalized=personalized, env=env,
+                         eval_sets=heldout_sets(world, base.encode_text, eval_embeds)).fit()
         return model, result, time.perf_counter() - t
 
-    ppd_model, ppd_result, t_ppd = train(run_dir, True, train_embeds, f"PPD (personalized adapters, {tc.encoder} encoder)")
-    dpo_model, dpo_result, t_dpo = train(run_dir / "dpo", False, train_embeds,
+    ppd_model, ppd_result, t_ppd = train(run_dir, True, train_embeds, eval_embeds,
+                                         f"PPD (personalized adapters, {tc.encoder} encoder)")
+    dpo_model, dpo_result, t_dpo = train(run_dir / "dpo", False, train_embeds, eval_embeds,
                                          "the non-personalized DPO baseline (same adapters, zero user input)")
     columns = {"ppd": (ppd_model, eval_embeds, tc.user_guidance)}
     if tc.guided_column > 0 and tc.guided_column != tc.user_guidance:
@@ -210,7 +214,8 @@ def run_toy(cfg, env=None) -> ToyRunResult | None:
     t_oracle = 0.0
     if "ppd_oracle" in encoders:
         o_train, o_eval = embeds["ppd_oracle"]
-        oracle_model, _, t_oracle = train(run_dir / "oracle", True, o_train, "PPD with the oracle encoder (upper bound)")
+        oracle_model, _, t_oracle = train(run_dir / "oracle", True, o_train, o_eval,
+                                          "PPD with the oracle encoder (upper bound)")
         columns["ppd_oracle"] = (oracle_model, o_eval, tc.user_guidance)
     if not env.is_main:
         # Replicas hold the same adapters; one process samples and writes the report.
