@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
+
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 FAST = ["train.pairs_per_step=4", "train.micro_batch=2", "train.mixed_precision=fp32", "optim.lr=1e-3",
         "optim.min_8bit_size=256", "log.tensorboard=false", "log.progress=false", "checkpoint.every=0",
@@ -138,3 +142,22 @@ def test_a_flipped_byte_in_the_reference_table_is_recomputed_naming_the_file(tmp
         _, calls = _train(tmp_path, "b", ["train.epochs=1"])
     assert f"{path}: tensor data does not match its sha256" in caplog.text
     assert len(calls) > clean_calls
+
+
+def test_schedule_identity_is_the_same_in_every_process():
+    """diffusers records `_use_default_values` as a list built from a set: its order follows the
+    process's string hashing. The fingerprint must not, or a sweep's separate processes never share
+    a reference pass."""
+    import subprocess
+    import sys
+
+    code = ("import json; from diffusers import DDPMScheduler; "
+            "from ppd_engine.training.reference import schedule_identity; "
+            "s = DDPMScheduler(num_train_timesteps=1000, beta_schedule='scaled_linear'); "
+            "print(json.dumps(schedule_identity(s), sort_keys=True)); "
+            "print(json.dumps(s.config['_use_default_values']))")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": ROOT}).stdout.splitlines()
+            for seed in (1, 2, 3)]
+    assert len({o[1] for o in outs}) > 1  # the raw config does differ between these processes
+    assert len({o[0] for o in outs}) == 1

@@ -200,6 +200,15 @@ def compute_reference_mse(model, dataset, order: DataOrder, total_steps: int, *,
     return out
 
 
+def schedule_identity(sched) -> dict:
+    """The noise schedule as the reference depends on it: the class and its config without diffusers'
+    bookkeeping keys (`_class_name`, `_diffusers_version`, `_use_default_values` — the last a list
+    built from a set, whose order changes with every process's string hashing, which made every
+    process fingerprint the same schedule differently and never reuse a stored pass)."""
+    config = {k: v for k, v in dict(sched.config).items() if not k.startswith("_")}
+    return {"class": type(sched).__name__, "config": json.loads(json.dumps(config, sort_keys=True, default=str))}
+
+
 def reference_meta(*, model, adapters, dataset, order: DataOrder, total_steps: int, seed: int,
                    empty_caption_prob: float, empty_text: torch.Tensor, empty_pooled: torch.Tensor | None,
                    mixed_precision: str, device: torch.device) -> dict:
@@ -211,12 +220,12 @@ def reference_meta(*, model, adapters, dataset, order: DataOrder, total_steps: i
         "format": FORMAT, "family": str(getattr(model, "family", "")),
         "base_weights": base_weights_digest(model.unet, exclude),
         # The whole noise-schedule config: timesteps, betas, prediction type (Stage C's included).
-        "scheduler": {"class": type(sched).__name__,
-                      "config": json.loads(json.dumps(dict(sched.config), sort_keys=True, default=str))},
+        "scheduler": schedule_identity(sched),
         "empty_caption": tensor_digest([("text", empty_text), ("pooled", empty_pooled)]),
         "data": dataset_digest(dataset, epochs), "n_items": len(dataset),
         "seed": int(seed), "pairs_per_step": order.pairs_per_step, "steps": int(total_steps),
-        "empty_caption_prob": float(empty_caption_prob), "mixed_precision": mixed_precision,
+        "empty_caption_prob": float(empty_caption_prob),
+        "mixed_precision": "no" if mixed_precision == "fp32" else mixed_precision,  # two spellings, one mode
         "device": device.type,
     }
 
