@@ -21,3 +21,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op thread for a whole module, restored afterwards (for modules whose tensors are
+    tiny even when another test in the session raised the thread count): on a loaded shared machine
+    two threads waiting on each other make such tests many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -23,12 +23,7 @@ ENCODER_MODULES = (f"{TOY}.fewshot", f"{TOY}.features")
 KNOWS_THE_ANSWER = (f"{TOY}.rewards", f"{TOY}.users", f"{TOY}.oracle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _module_imports(name: str) -> set[str]:

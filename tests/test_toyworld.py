@@ -22,14 +22,7 @@ from ppd_engine.worlds.toy.text import ToyTextEncoder
 from ppd_engine.worlds.toy.users import USERS, bradley_terry_labels, get_user
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread start-up costs more than it saves, and on a loaded shared machine two
-    # threads waiting on each other make these tests many times slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _ref_rewards(x: torch.Tensor) -> dict:
