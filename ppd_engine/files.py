@@ -69,6 +69,43 @@ def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: di
         save_file(tensors, tmp, metadata=metadata)
 
 
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename a finished temp folder (written in full, e.g. a checkpoint) to `final`: the rename is
+    the commit point. An existing `final` is moved aside first and deleted only after the new one is
+    in place, so a crash leaves either folder whole, never half of one."""
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{TEMP_PREFIX}old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old)
+
+
+def move_aside(folder: str | os.PathLike, tag: str) -> Path:
+    """Rename `folder` to a sibling `<name>.<tag>-<UTC time>[-N]` that did not exist; returns it.
+    Nothing is deleted: the target is made first with an exclusive mkdir (two moves in the same
+    second never share a name) and the folder is renamed onto it, which is atomic."""
+    import time
+
+    folder = Path(folder)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for n in range(1, 10_000):
+        target = folder.with_name(f"{folder.name}.{tag}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            os.mkdir(target)
+        except FileExistsError:
+            continue
+        os.replace(folder, target)
+        return target
+    raise FileExistsError(f"cannot find a free name to move {folder} aside")
+
+
 def remove_orphan_temps(folder: str | os.PathLike) -> int:
     """Delete temp files a killed writer left in `folder` (not recursive); returns how many."""
     n = 0

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ppd_engine.files import write_json_atomic
+from ppd_engine.files import publish_folder, write_json_atomic
 from ppd_engine.integrity import CorruptFileError, sha256_file
 
 log = logging.getLogger(__name__)
@@ -213,15 +213,7 @@ def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
 
     The rename is the commit point: a crash before it leaves only a `.tmp-*` folder, which
     `list_checkpoints` ignores, so the previous checkpoint stays the latest complete one."""
-    if final.exists():
-        old = final.with_name(f".old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    publish_folder(tmp, final)
     # Only checkpoints up to this one: after a resume from an older step, the newer checkpoints of
     # the abandoned continuation sort later but are not older than what was just written.
     step = int(_STEP_RE.match(final.name).group(1))

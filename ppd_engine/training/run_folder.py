@@ -14,8 +14,9 @@ Trainer into the same folder is refused like any other run.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+
+from ppd_engine.files import move_aside
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -45,20 +46,6 @@ def continues_run(resume: str, folder: str | os.PathLike) -> bool:
     return target == own or own in target.parents
 
 
-def move_aside(folder: Path) -> Path:
-    """Rename `folder` to a sibling folder.replaced-<UTC time>[-N] that did not exist; returns it."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for n in range(1, 10_000):
-        target = folder.with_name(f"{folder.name}.replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
-        try:
-            os.mkdir(target)  # exclusive: two overwrites in the same second never share a name
-        except FileExistsError:
-            continue
-        os.replace(folder, target)  # onto the empty folder just made: atomic, nothing deleted
-        return target
-    raise RunFolderError(f"cannot find a free name to move {folder} aside")
-
-
 def claim_run_folder(folder: str | os.PathLike, *, resuming: bool, overwrite: bool) -> Path | None:
     """Make `folder` this process's run folder (created if missing). `resuming`: the run continues
     the run already there. Returns where an overwritten run was moved, else None."""
@@ -72,7 +59,7 @@ def claim_run_folder(folder: str | os.PathLike, *, resuming: bool, overwrite: bo
                 f"{folder} holds another run (config.yaml / metrics.jsonl / checkpoints); continue it with "
                 f"--resume {folder} (checkpoint.resume=latest), pick another log.run_dir, or set "
                 "log.overwrite=true to move it aside")
-        moved = move_aside(folder)
+        moved = move_aside(folder, "replaced")
     folder.mkdir(parents=True, exist_ok=True)
     _claimed.add(_key(folder))
     return moved
