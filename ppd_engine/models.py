@@ -251,6 +251,10 @@ def build_model(cfg, device: str | torch.device = "cpu") -> DiffusionModel:
     from ppd_engine.dtypes import torch_dtype
 
     if cfg.model.family not in FAMILIES:
+        from ppd_engine.world import load_installed_worlds
+
+        load_installed_worlds()  # a world's family (e.g. toy) registers when its world is imported
+    if cfg.model.family not in FAMILIES:
         raise ValueError(f"model.family={cfg.model.family!r} is not registered; have {', '.join(sorted(FAMILIES))}")
     model = FAMILIES[cfg.model.family](cfg, torch_dtype(cfg.model.dtype), device)
     if cfg.model.resolution:

@@ -87,7 +87,24 @@ def register_world(world: World) -> World:
     return world
 
 
+ENTRY_POINT_GROUP = "ppd_engine.worlds"
+
+
+def load_installed_worlds() -> None:
+    """Import every world an installed package declares in the entry-point group
+    `ppd_engine.worlds` (this package declares toy and pickapic in pyproject.toml); importing a world
+    registers it, its config section and its model family. This is how the core finds worlds
+    without importing them: a command that only reads a run (eval, load_run) gets the run's world."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in WORLDS:
+            ep.load()
+
+
 def get_world(name: str) -> World:
+    if name not in WORLDS:
+        load_installed_worlds()
     if name not in WORLDS:
         known = ", ".join(sorted(WORLDS)) or "none registered (import ppd_engine.worlds)"
         raise ConfigError(f"world: {name!r} is not a registered world; choose one of: {known}")

@@ -101,7 +101,14 @@ def test_non_editable_install_runs_from_anywhere(tmp_path):
     (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PPD_NO_EXT"] = "1"
-    inst = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(ROOT)],
+    # From a copy: pip builds a local folder in place, and the egg-info setuptools leaves in the
+    # source tree would shadow the installed package's metadata (its entry points) there.
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "build-cmake", "*.so",
+                                                             "runs", "cache", "__pycache__", "*.egg-info"))
+    inst = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
                 tmp_path, timeout=600, env=env)
     assert inst.returncode == 0, inst.stderr[-3000:]
     where = _run([str(py), "-c", "import ppd_engine; print(ppd_engine.__file__)"], tmp_path, env=env)

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "ppd_engine"
 # Command-line programs: they may import worlds (a run of any world can be trained or sampled).
 # ppd_engine.pipelines (from_run) is the library's entry point for a run of any world.
 ENTRY_POINTS = {"ppd_engine.__main__", "ppd_engine.cli", "ppd_engine.train", "ppd_engine.sample", "ppd_engine.sweep",
-                "ppd_engine.export", "ppd_engine.eval.__main__", "ppd_engine.pipelines"}
+                "ppd_engine.export", "ppd_engine.pipelines"}
 FORBIDDEN = ("ppd_engine.worlds", "ppd_engine.testing", "bench")
 
 
@@ -118,3 +118,20 @@ def test_worlds_register_through_the_core_registries():
 
     assert {"toy", "pickapic"} <= set(WORLDS) and "toy" in FAMILIES
     assert "toy" in {f.name for f in __import__("dataclasses").fields(config_class())}
+
+
+def test_the_core_finds_installed_worlds_without_importing_them():
+    """eval (core) reads runs of any world: the worlds come from the package's entry points
+    (pyproject.toml, group ppd_engine.worlds), not from an import of ppd_engine.worlds."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(PKG.parent)
+    code = ("import sys; from ppd_engine.world import WORLDS, get_world; from ppd_engine.models import FAMILIES; "
+            "assert not WORLDS and 'toy' not in FAMILIES; get_world('toy'); "
+            "print(sorted(WORLDS), 'toy' in FAMILIES, 'ppd_engine.worlds.toy.world' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["['pickapic',", "'toy']", "True", "True"]

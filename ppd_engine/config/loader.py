@@ -307,6 +307,8 @@ def validate(cfg: Config, runnable: bool = True) -> None:
         raise ConfigError(f"log.report_to: {exc}") from None
     from ppd_engine.models import FAMILIES
 
+    if cfg.model.family not in FAMILIES:
+        _world.load_installed_worlds()  # the family of an installed world (e.g. toy) registers on import
     need(cfg.model.family in FAMILIES, "model.family",
          f"{cfg.model.family!r} is not a registered model family; choose one of: {', '.join(sorted(FAMILIES))}")
     if cfg.world:

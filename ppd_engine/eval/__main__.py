@@ -301,8 +301,6 @@ def _sweep(args) -> dict:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import ppd_engine.worlds  # noqa: F401  (runs of every registered world can be evaluated)
-
     if args.command in ("generate", "run"):
         from .generate import parse_checkpoints
 
