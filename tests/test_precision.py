@@ -72,12 +72,17 @@ def test_an_all_overflow_run_is_not_done(tmp_path):
 
 
 def test_tf32_switch(tmp_path):
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
+        # Both off first (cuDNN's TF32 is on by default): the trainer must turn each on.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         _trainer(tmp_path, ["train.allow_tf32=true", "train.mixed_precision=no"])
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+        _trainer(tmp_path / "off", ["train.allow_tf32=false", "train.mixed_precision=no"])
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # left as they were
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_accelerate_launch_environment_is_honoured_or_refused():

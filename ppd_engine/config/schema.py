@@ -157,7 +157,7 @@ class TrainConfig:
     loss_scale_init: float = _f(65536.0, "fp16: the first dynamic loss scale (torch GradScaler's init_scale); it "
                                          "halves on every overflowing step and doubles after 2000 good ones")
     allow_tf32: bool = _f(False, "TF32 matmuls and cuDNN convolutions on Ampere+ GPUs (faster fp32 matmuls, "
-                                 "~10-bit mantissa inputs)")
+                                 "~10-bit mantissa inputs); false = torch's defaults (matmuls off, convolutions on)")
     gradient_checkpointing: bool = _f(True, "recompute UNet activations in backward, as train.checkpoint_policy says")
     checkpoint_policy: Literal["full", "selective", "feedforward"] = _f(
         "feedforward", "with gradient_checkpointing: feedforward (recompute only the transformer blocks' "
