@@ -319,15 +319,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 # --- CLI --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from ppd_engine.cli.common import DefaultsFormatter, add_device, add_progress
+    from ppd_engine.cli.common import DefaultsFormatter, add_data, add_device, add_progress
     from ppd_engine.eval.reward_args import add_reward_args
 
     p = argparse.ArgumentParser(prog="python -m ppd_engine.rewards_users", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sc = sub.add_parser("score", formatter_class=DefaultsFormatter, help="score both images of every pair")
-    sc.add_argument("--data", required=True, help="Pick-a-Pic parquet folder")
-    sc.add_argument("--split", default=None, help="only files named SPLIT-*.parquet")
+    add_data(sc, "the pairs to score", None)
     sc.add_argument("--scores", required=True, help="output folder of the score parts (resumable)")
     sc.add_argument("--chunk", type=int, default=256, help="pairs per written part")
     sc.add_argument("--max-users", type=int, default=0, help="keep the users with the most pairs; 0 = all")
@@ -335,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device(sc, "device for the reward models (under torchrun: cuda:LOCAL_RANK)")
     add_progress(sc)
     rl = sub.add_parser("relabel", formatter_class=DefaultsFormatter, help="relabel pairs by synthetic users")
-    rl.add_argument("--data", required=True, help="the Pick-a-Pic parquet folder that was scored")
-    rl.add_argument("--split", default=None, help="only files named SPLIT-*.parquet")
+    add_data(rl, "the pairs that were scored", None)
     rl.add_argument("--scores", required=True, help="folder written by `score`")
     rl.add_argument("--users", required=True,
                     help="JSON/YAML {user: {reward: weight}}, e.g. {clip: {clipscore: 1}, mix: {clipscore: 0.5, aesthetic: 0.5}}")
@@ -359,7 +357,7 @@ def _score_cmd(args) -> int:
     if not names:
         raise ValueError("--rewards: name at least one reward model")
     pairs = load_pairs(args.data, min_pairs_per_user=1, max_users=args.max_users or None, decode_images=False,
-                       split=args.split, progress=args.progress and rank == 0)
+                       split=args.split, streaming=args.streaming, progress=args.progress and rank == 0)
     rewards = {n: load_named_reward(args, n) for n in names}
     stats = score_pairs(pairs.records, rewards, args.scores, chunk=args.chunk, rank=rank, world_size=world,
                         progress=args.progress)
@@ -376,7 +374,8 @@ def _relabel_cmd(args) -> int:
     scores = read_scores(args.scores)
     rewards = sorted({r for w in weights.values() for r in w})
     users = SyntheticUsers(weights, standardisation(scores, rewards))
-    pairs = load_pairs(args.data, min_pairs_per_user=1, decode_images=False, split=args.split, progress=args.progress)
+    pairs = load_pairs(args.data, min_pairs_per_user=1, decode_images=False, split=args.split,
+                       streaming=args.streaming, progress=args.progress)
     labelled, counts = relabel(pairs.records, scores, users, seed=args.seed)
     files = write_relabelled(labelled, args.out)
     write_json_atomic(Path(args.out) / USERS_FILE, {**users.to_json(), "seed": args.seed, "counts": counts,

@@ -115,14 +115,29 @@ def _png_dataset(folder, n=8):
                              "lose": [f"img/{2 * k + 1}.png" for k in range(n)]}), folder / "mine.parquet")
 
 
-@pytest.mark.slow  # ~20 s: cache build and one step on a tiny SD1.5
-def test_a_dataset_without_user_ids_trains_non_personalized_through_the_cli(tmp_path, caplog):
+def _as_saved_dataset(folder):
+    """The PNG dataset as a Hugging Face `datasets` save_to_disk folder with Image() columns."""
+    datasets = pytest.importorskip("datasets")
+    rows = pq.read_table(folder / "mine.parquet").to_pydict()
+    image = {"win": [], "lose": []}
+    for col in image:
+        image[col] = [{"bytes": (folder / p).read_bytes(), "path": None} for p in rows[col]]
+    features = datasets.Features({"prompt": datasets.Value("string"), "win": datasets.Image(), "lose": datasets.Image()})
+    datasets.Dataset.from_dict({"prompt": rows["prompt"], **image}, features=features).save_to_disk(
+        str(folder.parent / "saved"), num_shards=2)
+    return folder.parent / "saved"
+
+
+@pytest.mark.slow  # ~20 s each: cache build and one step on a tiny SD1.5
+@pytest.mark.parametrize("form", ["parquet", "datasets"])
+def test_a_dataset_without_user_ids_trains_non_personalized_through_the_cli(tmp_path, caplog, form):
     from ppd_engine.train import main
 
     _png_dataset(tmp_path / "mine")
+    data = tmp_path / "mine" if form == "parquet" else _as_saved_dataset(tmp_path / "mine")
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="ppd_engine.worlds.pickapic"):
-        rc = main(["world=pickapic", f"data.folder={tmp_path / 'mine'}", "data.format=columns",
+        rc = main(["world=pickapic", f"data.folder={data}", "data.format=columns",
                    "data.columns.prompt=prompt", "data.columns.chosen=win", "data.columns.rejected=lose",
                    "adapters.user_dim=16", "model.family=sd15",
                    f"model.pretrained={make_tiny_pipeline('sd15', str(tmp_path / 'sd15'), seed=1)}",
@@ -136,6 +151,7 @@ def test_a_dataset_without_user_ids_trains_non_personalized_through_the_cli(tmp_
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["personalized"] is False
     record = json.loads((run / "data.json").read_text())
     assert record["format"] == "columns" and record["stats"]["kept"] == 8
+    assert all(f.endswith(".arrow" if form == "datasets" else ".parquet") for f in record["files"])
 
 
 def test_a_path_to_a_missing_image_is_a_corrupt_image_named_by_its_path(tmp_path, caplog):

@@ -2,8 +2,6 @@
 
 import io
 import os
-import sys
-import types
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ppd_engine.data.pickapic import REQUIRED_COLUMNS, load_pairs
+from ppd_engine.data.pickapic import load_pairs
 from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
 
 DROP_KEYS = ("ties_dropped", "not_different_dropped", "unlabeled_dropped", "nonfinite_label_dropped",
@@ -111,23 +109,6 @@ def test_missing_folder_and_split(tmp_path, fixture_dir):
     with pytest.raises(FileNotFoundError, match="validation"):
         load_pairs(fixture_dir[0], split="validation", progress=False)
     assert load_pairs(fixture_dir[0], split="train", progress=False).stats["kept"] == 15
-
-
-def test_hub_id_goes_through_datasets(monkeypatch, fixture_dir, pairs):
-    """A hub id is loaded with `datasets` (optional dependency); here a stand-in module serves the same rows."""
-    table = pa.concat_tables(pq.read_table(os.path.join(fixture_dir[0], "data", f), columns=list(REQUIRED_COLUMNS))
-                             for f in sorted(os.listdir(os.path.join(fixture_dir[0], "data"))))
-    calls = []
-
-    def load_dataset(name, split):
-        calls.append((name, split))
-        return types.SimpleNamespace(data=types.SimpleNamespace(table=table))
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
-    p = load_pairs("someone/pickapic_v2", progress=False, batch_rows=5)
-    assert calls == [("someone/pickapic_v2", "train")]
-    assert {k: v for k, v in p.stats.items() if k != "files"} == {k: v for k, v in pairs.stats.items() if k != "files"}
-    assert [r.pair_id for r in p.records] == [r.pair_id for r in pairs.records]
 
 
 def test_few_shot_split_disjoint_and_deterministic(pairs):

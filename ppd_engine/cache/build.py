@@ -398,7 +398,7 @@ def _prepare(cache_dir: str, meta: dict, fp: str, on_mismatch: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`python -m ppd_engine.cache.build`: build the cache for a Pick-a-Pic folder ahead of training
     (under torchrun every rank encodes its own slice; see build_cache)."""
-    from ppd_engine.cli.common import (DefaultsFormatter, UsageError, add_debug, add_device, add_dtype, add_progress,
+    from ppd_engine.cli.common import (DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype, add_progress,
                                        resolve_device)
     from ppd_engine.data.pickapic import format_stats, load_pairs
     from ppd_engine.models import load_diffusion_model
@@ -410,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--family", required=True, choices=["sd15", "sdxl"], help="model family")
     p.add_argument("--pretrained", required=True, help="diffusers hub id or local pipeline folder")
-    p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
-    p.add_argument("--split", default="train", help="Pick-a-Pic split whose pairs are cached (files SPLIT-*.parquet)")
+    add_data(p, "the pairs to cache", "train", "the split whose pairs are cached")
     p.add_argument("--cache-dir", required=True, help="output folder of the cache")
     p.add_argument("--min-pairs-per-user", type=int, default=4, help="drop users with fewer pairs (default 4)")
     p.add_argument("--max-users", type=int, default=None, help="keep only the users with most pairs")
@@ -433,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     # The index only: each rank reads the bytes of its own slice, row group by row group.
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, max_users=args.max_users,
-                       split=args.split, load_images=False, progress=args.progress)
+                       split=args.split, streaming=args.streaming, load_images=False, progress=args.progress)
     env = init_distributed(resolve_device(args.device), "auto")
     if env.is_main:
         print(format_stats(pairs.stats))

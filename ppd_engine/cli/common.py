@@ -78,6 +78,20 @@ def device_dtype(dtype: str | None, device: str) -> str:
     return dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
 
 
+def add_data(p, what: str, split: str | None, split_help: str = "the split read") -> None:
+    """--data / --split / --streaming: where Pick-a-Pic pairs are, spelled the same in every command
+    (ppd_engine/data/sources.py resolves them)."""
+    p.add_argument("--data", required=True, help=f"{what}: a folder of Pick-a-Pic v2 parquet files (or one file), "
+                                                 "a `datasets` save_to_disk folder, an fsspec URL (hf://, s3://) "
+                                                 "or a hub dataset id owner/name")
+    p.add_argument("--split", default=split, help=f"{split_help}: files named SPLIT-NNNNN-of-NNNNN-*.parquet, or "
+                                                  f"a DatasetDict's / hub dataset's split (default: "
+                                                  f"{split or 'every file; refused if there are several splits'})")
+    p.add_argument("--streaming", action="store_true",
+                   help="read a hub id in place from the hub's parquet files instead of downloading it with "
+                        "datasets.load_dataset (default: off)")
+
+
 def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show progress bars (default: on)")

@@ -65,11 +65,12 @@ class ModelConfig:
 class DataConfig:
     """Pick-a-Pic pairs (world=pickapic) and the user-embedding store."""
 
-    folder: str = _f("", "local folder with the Pick-a-Pic v2 parquet files (world=pickapic), or with "
-                         "data.format=columns a folder of (or one) parquet file(s) of the user's own columns")
+    folder: str = _f("", "where the pairs are (world=pickapic): a folder of (or one) parquet file(s), a Hugging "
+                         "Face `datasets` save_to_disk folder, an fsspec URL of parquet files (hf://, s3://; read "
+                         "in place) or a hub dataset id owner/name (datasets.load_dataset); Pick-a-Pic v2's "
+                         "schema, or with data.format=columns the user's own columns")
     format: Literal["pickapic", "columns"] = _f(
-        "pickapic", "pickapic (Pick-a-Pic v2's schema) | columns (a user's own parquet, mapped by data.columns; "
-        "data.split does not apply: point data.folder at one split)")
+        "pickapic", "pickapic (Pick-a-Pic v2's schema) | columns (a user's own columns, mapped by data.columns)")
     columns: dict[str, str] = _f({}, "data.format=columns: user column of each field: prompt, image_0 + image_1 "
                                      "(bytes or paths relative to the parquet file) with label (index of the "
                                      "preferred image) or label_0 [+ label_1] (scores), or chosen + rejected; "
@@ -81,8 +82,13 @@ class DataConfig:
     unseen_fraction: float = _f(0.1, "fraction of users held out entirely (never trained on)")
     split_seed: int = _f(0, "seed of the few-shot and seen/unseen splits")
     embeddings: str = _f("", "user-embedding store folder (python -m ppd_engine.embed) with user_id -> (K, T_in, Du)")
-    split: str = _f("train", "Pick-a-Pic split trained on (hub files <split>-NNNNN-of-NNNNN-*.parquet): train | "
-                             "validation | test | validation_unique | test_unique")
+    split: str = _f("train", "split trained on: hub-named parquet files <split>-NNNNN-of-NNNNN-*.parquet, a "
+                             "DatasetDict folder's or a hub dataset's split (Pick-a-Pic: train | validation | "
+                             "test | validation_unique | test_unique); with data.format=columns, files whose "
+                             "names carry no split are all read")
+    streaming: bool = _f(False, "a hub id in data.folder is read in place from the hub's parquet files "
+                                "(hf://datasets/ID, row groups fetched as needed) instead of downloaded by "
+                                "datasets.load_dataset")
     workers: int = _f(0, "DataLoader processes reading training items ahead of the step (0 = in the training "
                          "process; 4-8 on real runs)")
     prefetch: int = _f(2, "steps each data.workers process reads ahead")

@@ -13,11 +13,15 @@ map then turns every batch of the user's light columns into the Pick-a-Pic metad
   user_id                     optional; without it every pair belongs to one pseudo-user (NO_USER) and
                               the pickapic world trains the non-personalized objective
 
-An image column holds either the image bytes (binary) or a path (string), relative to the folder of
-the parquet file that names it (absolute paths are kept). A pair whose two paths are the same file
-is dropped as "identical images"; bytes columns are not compared (that would read every image in the
-light pass). Image uids, the cache's keys, are the resolved path, or "<parquet path>#<row>:<0|1>"
-for bytes, so two datasets sharing a cache folder never collide.
+An image column holds the image bytes (binary), a path (string), relative to the folder of the file
+that names it (absolute paths and URLs are kept), or a Hugging Face `datasets` Image (a struct of
+bytes and path: the bytes, else the path). A pair whose two paths are the same file is dropped as
+"identical images"; bytes are not compared (that would read every image in the light pass). Image
+uids, the cache's keys, are the resolved path, or "<data file>#<row>:<0|1>" for bytes and Images, so
+two datasets sharing a cache folder never collide.
+
+The files are any that data/sources.py resolves: parquet (local or at a URL) or a `datasets`
+folder's arrow files.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ppd_engine.data.pickapic import DataFileError, _kind, _ParquetSource, normalise_id
+from ppd_engine.data.pickapic import _kind, normalise_id
+from ppd_engine.data.sources import DataFileError, is_url, open_source
 
 log = logging.getLogger(__name__)
 
@@ -89,29 +94,51 @@ class ColumnMap:
                                   ("label", self.label), ("label_0", self.label_0), ("label_1", self.label_1),
                                   ("user_id", self.user_id)) if c}
 
-    def source(self, path: str) -> "MappedSource":
-        return MappedSource(path, self)
+    def source(self, name: str) -> "MappedSource":
+        return MappedSource(open_source(name), self)
 
-    def image_bytes(self, value, source_path: str):
-        """The bytes an image cell stands for: the bytes themselves, or the file its path names
-        (None when that file cannot be read, which the loaders count as a corrupt image)."""
+    def image_bytes(self, value, source_name: str):
+        """The bytes an image cell stands for: the bytes themselves, the file its path names, or a
+        `datasets` Image's bytes (else its path). None when a named file cannot be read, which the
+        loaders count as a corrupt image."""
+        if isinstance(value, dict):          # datasets.Image: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
         if not isinstance(value, str):
             return value
-        path = os.path.join(os.path.dirname(source_path), value)
+        path = _resolve_path(source_name, value)
         try:
+            if is_url(path):
+                import fsspec
+
+                with fsspec.open(path, "rb") as f:
+                    return f.read()
             with open(path, "rb") as f:
                 return f.read()
         except OSError as e:
-            log.warning("%s: image %s cannot be read (%s)", source_path, path, e.strerror or e)
+            log.warning("%s: image %s cannot be read (%s)", source_name, path, e.strerror or e)
             return None
 
 
-class MappedSource(_ParquetSource):
-    """A user's parquet file whose light columns come out as Pick-a-Pic's META_COLUMNS."""
+def _resolve_path(source_name: str, value: str) -> str:
+    """An image path cell, relative to the data file that names it (absolute paths and URLs kept)."""
+    if is_url(value) or os.path.isabs(value):
+        return value
+    if is_url(source_name):
+        return source_name.rsplit("/", 1)[0] + "/" + value
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(source_name)), value))
 
-    def __init__(self, path: str, cmap: ColumnMap):
-        super().__init__(path)
-        self.cmap = cmap
+
+def _is_image_struct(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) and {t.field(i).name for i in range(t.num_fields)} >= {"bytes", "path"}
+
+
+class MappedSource:
+    """A user's data file whose light columns come out as Pick-a-Pic's META_COLUMNS."""
+
+    def __init__(self, base, cmap: ColumnMap):
+        self.base, self.cmap = base, cmap
+        self.name, self.schema, self.columns = base.name, base.schema, base.columns
+        self.group_starts = base.group_starts
 
     def check(self) -> None:
         """Every mapped column exists with a usable type; errors name the file and the column."""
@@ -120,25 +147,27 @@ class MappedSource(_ParquetSource):
                 raise KeyError(f"{self.name}: no column {col!r} (data.columns.{fld}); "
                                f"the file has: {', '.join(sorted(self.columns))}")
             kinds = _IMAGE_KINDS if fld.startswith("image_") else _KINDS[fld]
-            kind = _kind(self.schema.field(col).type)
+            typ = self.schema.field(col).type
+            kind = "binary" if fld.startswith("image_") and _is_image_struct(typ) else _kind(typ)
             if kind != "null" and kind not in kinds:
                 raise DataFileError(f"{self.name}: column {col!r} (data.columns.{fld}) has type "
                                     f"{self.schema.field(col).type}; expected {' or '.join(sorted(kinds))}")
 
     def iter_meta(self, batch_rows: int):
         c = self.cmap
-        wanted = sorted(set(c._fields().values()))
-        base = os.path.dirname(os.path.abspath(self.name))
+        here = self.name if is_url(self.name) else os.path.abspath(self.name)
+        paths = [col for col in c.image_columns if _kind(self.schema.field(col).type) == "string"]
+        light = sorted(set(c._fields().values()) - set(c.image_columns) | set(paths))
         row = 0
-        for batch in self.iter_batches(batch_rows, wanted):
-            cols = {name: batch.column(name).to_pylist() for name in wanted}
+        for batch in self.base.iter_batches(batch_rows, light):
+            cols = {name: batch.column(name).to_pylist() for name in light}
             n = batch.num_rows
             ids = []
             for j, col in enumerate(c.image_columns):
-                if _kind(self.schema.field(col).type) == "string":
-                    ids.append([None if v is None else os.path.normpath(os.path.join(base, v)) for v in cols[col]])
-                else:
-                    ids.append([f"{os.path.abspath(self.name)}#{row + i}:{j}" for i in range(n)])
+                if col in paths:
+                    ids.append([None if v is None else _resolve_path(self.name, v) for v in cols[col]])
+                else:   # bytes or a datasets Image: named by where they are (never read here)
+                    ids.append([f"{here}#{row + i}:{j}" for i in range(n)])
             if c.chosen_rejected:
                 l0, l1 = [1.0] * n, [0.0] * n
             elif c.label:

@@ -18,8 +18,10 @@ index of the full train split (~1M pairs, ~335 GB of JPEGs) fits in a few hundre
 image sizes; `PickAPicPairs.with_images(records)` reads the bytes of the records that need them in
 row-group order, and `PickAPicPairs.image_reader()` is the picklable reader DataLoader workers use.
 
-`folder` may also be one .parquet file (read whatever its name), and `columns=` maps a user's own
-columns onto the fields below (data/columns.py, data.format=columns).
+`folder` may also be one .parquet file (read whatever its name), a Hugging Face `datasets` folder
+(save_to_disk; memory-mapped arrow files, read the same two ways), an fsspec URL (hf://, s3://: the
+parquet files read in place, row group by row group) or a hub id (data/sources.py); `columns=` maps
+a user's own columns onto the fields below (data/columns.py, data.format=columns).
 
 Files: only `*.parquet` files of the chosen split are read. Other files (README.md, .gitattributes)
 are counted in `files_ignored`; a `.parquet` file that is empty or not parquet at all (no PAR1 magic
@@ -35,20 +37,18 @@ first, so the same folder always gives the same list.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import logging
 import math
-import os
 import random
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from ppd_engine.data.sources import DataFileError, open_source, resolve
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -63,18 +63,6 @@ META_COLUMNS = ("caption", "label_0", "label_1", "user_id", "are_different", "ha
 REQUIRED_COLUMNS = META_COLUMNS + IMAGE_COLUMNS
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 _LOGGED_CORRUPT = 5
-_MAGIC = b"PAR1"
-_HUB_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+-of-\d+(-[^.]*)?\.parquet$")
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be read as the Pick-a-Pic schema; the message names the file."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
 
 @dataclass(slots=True)
 class PairRecord:
@@ -108,7 +96,6 @@ class PickAPicPairs:
     records: list[PairRecord]
     stats: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
-    _tables: dict = field(default_factory=dict, repr=False)   # name -> in-memory table (`datasets` path)
     columns: "ColumnMap | None" = None                        # data.format=columns: the user's column map
 
     def by_user(self) -> dict[str, list[PairRecord]]:
@@ -145,7 +132,7 @@ class PickAPicPairs:
 
     def image_reader(self) -> "PairImageReader":
         """A picklable reader of these records' JPEG bytes (reopens files in each process)."""
-        return PairImageReader(self.sources, self._tables, self.columns)
+        return PairImageReader(self.sources, self.columns)
 
     def with_images(self, records: list[PairRecord]) -> list[PairRecord]:
         """Copies of `records` holding their JPEG bytes (read row group by row group), same order."""
@@ -203,72 +190,32 @@ def _seed_for(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
-# ----------------------------------------------------------------------------------------------
-# Sources: a parquet file, or an in-memory/memory-mapped arrow table (what `datasets` holds).
-
-
-class _ParquetSource:
-    def __init__(self, path: str):
-        self.name = path
-        try:
-            self.file = pq.ParquetFile(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError; name the file either way
-            raise DataFileError(f"{path}: not a readable parquet file ({_one_line(e)})") from e
-        self.schema = self.file.schema_arrow
-        self.columns = set(self.schema.names)
-
-    def iter_meta(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        yield from self.iter_batches(batch_rows, list(META_COLUMNS))
-
-    def iter_batches(self, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        try:
-            yield from self.file.iter_batches(batch_size=batch_rows, columns=columns)
-        except Exception as e:  # noqa: BLE001 - a corrupt page header surfaces as a thrift OSError
-            raise DataFileError(f"{self.name}: corrupt parquet data ({_one_line(e)})") from e
-
-
-class _TableSource:
-    def __init__(self, name: str, table: pa.Table):
-        self.name = name
-        self.table = table
-        self.schema = table.schema
-        self.columns = set(table.column_names)
-
-    def iter_meta(self, batch_rows: int) -> Iterator[pa.RecordBatch]:
-        yield from self.table.select(list(META_COLUMNS)).to_batches(max_chunksize=batch_rows)
-
-
 class PairImageReader:
-    """Reads the JPEG bytes of PairRecords from their files, row group by row group.
+    """Reads the image bytes of PairRecords from their files, group by group (parquet row groups,
+    arrow record batches).
 
-    Picklable: parquet handles are opened lazily in the process that reads (DataLoader workers)."""
+    Picklable: it holds file names only, and opens them lazily in the process that reads
+    (DataLoader workers)."""
 
-    def __init__(self, sources: list[str], tables: dict | None = None, columns: "ColumnMap | None" = None):
+    def __init__(self, sources: list[str], columns: "ColumnMap | None" = None):
         self.sources = list(sources)
-        self._tables = dict(tables or {})
         self.columns = columns
         self._image_columns = list(columns.image_columns if columns else IMAGE_COLUMNS)
-        self._files: dict[int, pq.ParquetFile] = {}
-        self._starts: dict[int, list[int]] = {}
+        self._open: dict[int, object] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"] = {}
+        state["_open"] = {}
         return state
 
-    def _file(self, si: int) -> pq.ParquetFile:
-        f = self._files.get(si)
-        if f is None:
-            f = self._files[si] = pq.ParquetFile(self.sources[si])
-            starts, n = [], 0
-            for g in range(f.num_row_groups):
-                starts.append(n)
-                n += f.metadata.row_group(g).num_rows
-            self._starts[si] = starts + [n]
-        return f
+    def _source(self, si: int):
+        src = self._open.get(si)
+        if src is None:
+            src = self._open[si] = open_source(self.sources[si])
+        return src
 
     def row_groups(self, records: list[PairRecord]) -> list[tuple[int, int, list[PairRecord]]]:
-        """(source, row group, records in it sorted by row) for `records`: the units of reading."""
+        """(source, group, records in it sorted by row) for `records`: the units of reading."""
         by_source = defaultdict(list)
         for r in records:
             if r.source < 0:
@@ -277,12 +224,7 @@ class PairImageReader:
         units = []
         for si in sorted(by_source):
             recs = sorted(by_source[si], key=lambda r: r.row)
-            name = self.sources[si]
-            if name in self._tables:
-                units.append((si, -1, recs))
-                continue
-            self._file(si)
-            starts = self._starts[si]
+            starts = self._source(si).group_starts
             g, cur = 0, []
             for r in recs:
                 while r.row >= starts[g + 1]:
@@ -296,96 +238,21 @@ class PairImageReader:
         return units
 
     def read_unit(self, si: int, g: int, recs: list[PairRecord]) -> Iterator[tuple[PairRecord, bytes, bytes]]:
-        """(record, winner bytes, loser bytes) for the records of one row group."""
-        name = self.sources[si]
-        if g < 0:
-            part = self._tables[name].select(list(IMAGE_COLUMNS)).take(pa.array([r.row for r in recs], type=pa.int64()))
-            c0, c1 = part.column(0).to_pylist(), part.column(1).to_pylist()
-            for i, r in enumerate(recs):
-                pair = (c0[i], c1[i])
-                yield r, pair[r.col_w], pair[1 - r.col_w]
-            return
-        try:
-            group = self._file(si).read_row_group(g, columns=self._image_columns)
-        except Exception as e:  # noqa: BLE001 - name the file whatever pyarrow raised
-            raise DataFileError(f"{name}: corrupt parquet data in row group {g} ({_one_line(e)})") from e
+        """(record, winner bytes, loser bytes) for the records of one group."""
+        src = self._source(si)
+        group = src.read_group(g, self._image_columns)
         c0, c1 = group.column(0), group.column(1)
-        start = self._starts[si][g]
+        start = src.group_starts[g]
         for r in recs:
             i = r.row - start
             pair = (c0[i].as_py(), c1[i].as_py())
             if self.columns is not None:
-                pair = tuple(self.columns.image_bytes(v, name) for v in pair)
+                pair = tuple(self.columns.image_bytes(v, src.name) for v in pair)
             yield r, pair[r.col_w], pair[1 - r.col_w]
 
     def iter_pairs(self, records: list[PairRecord]) -> Iterator[tuple[PairRecord, bytes, bytes]]:
         for unit in self.row_groups(records):
             yield from self.read_unit(*unit)
-
-
-def _split_of(path: str) -> str | None:
-    m = _HUB_NAME.match(os.path.basename(path))
-    return m.group("split") if m else None
-
-
-def _is_parquet(path: str) -> str | None:
-    """None if `path` looks like a whole parquet file; otherwise why not ('empty', 'not parquet', 'truncated')."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return "empty"
-    with open(path, "rb") as f:
-        head = f.read(4)
-        if head != _MAGIC:
-            return "not parquet"
-        if size < 12:
-            return "truncated"
-        f.seek(-4, os.SEEK_END)
-        return None if f.read(4) == _MAGIC else "truncated"
-
-
-def _sources(folder: str, split: str | None, stats: Counter, columns: "ColumnMap | None" = None) -> list:
-    make = columns.source if columns else _ParquetSource
-    if os.path.isfile(folder) and folder.endswith(".parquet"):
-        return [make(folder)]
-    if os.path.isdir(folder):
-        every = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
-        paths = [p for p in every if p.endswith(".parquet")]
-        stats["files_ignored"] = len(every) - len(paths)
-        splits = {_split_of(p) for p in paths} - {None}
-        if split is None and len(splits) > 1:
-            raise ValueError(f"{folder!r} holds the splits {', '.join(sorted(splits))}: pass split= "
-                             f"(data.split / --split) so no pairs leak between them")
-        if split is not None:
-            chosen = [p for p in paths if _split_of(p) == split]
-            if not chosen and not splits:   # a flat folder without hub names: the old prefix rule
-                chosen = [p for p in paths if os.path.basename(p).startswith(f"{split}-")]
-            stats["files_other_splits"] = len(paths) - len(chosen)
-            paths = chosen
-        readable = []
-        for p in paths:
-            why = _is_parquet(p)
-            if why == "truncated":
-                raise DataFileError(f"{p}: truncated parquet file (no footer); download it again")
-            if why is not None:
-                log.warning("skipping %s: %s", p, "an empty file" if why == "empty" else "not a parquet file")
-                stats["files_not_parquet"] += 1
-                continue
-            readable.append(p)
-        if not readable:
-            raise FileNotFoundError(f"no *.parquet files under {folder!r}"
-                                    + (f" of split {split!r}" if split else ""))
-        return [make(p) for p in readable]
-    if folder.startswith(("/", ".", "~")) or folder.count("/") > 1 or columns:
-        raise FileNotFoundError(f"{'data' if columns else 'Pick-a-Pic'} folder {folder!r} does not exist")
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(f"{folder!r} is not a local folder; loading it from the hub needs the optional "
-                          f"`datasets` package (pip install datasets), or download its parquet files and "
-                          f"pass that folder") from e
-    ds = datasets.load_dataset(folder, split=split or "train")
-    # A datasets.Dataset is backed by a memory-mapped arrow table: project and take from it directly.
-    return [_TableSource(f"{folder}[{split or 'train'}]", ds.data.table)]
 
 
 def _kind(t: pa.DataType) -> str:
@@ -460,21 +327,25 @@ def _finite(x) -> bool:
 def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None = None,
                decode_images: bool = True, split: str | None = None, verify_images: bool = True,
                batch_rows: int = 4096, progress: bool = True, load_images: bool = True,
-               columns: "ColumnMap | None" = None) -> PickAPicPairs:
-    """Load filtered Pick-a-Pic v2 pairs from a local folder of parquet files (or a hub id via `datasets`).
+               columns: "ColumnMap | None" = None, streaming: bool = False) -> PickAPicPairs:
+    """Load filtered Pick-a-Pic v2 pairs from `folder`: a folder of (or one) parquet file(s), a
+    `datasets` save_to_disk folder, an fsspec URL or a hub id (data/sources.py).
 
     min_pairs_per_user: users with fewer valid pairs are dropped (paper: N = 4).
     max_users: keep the users with the most valid pairs (ties by user id); ranked on label-valid
         pairs, before corrupt images are removed.
     decode_images: records hold RGB PIL images; False keeps JPEG bytes (far less memory).
-    split: only files of that split (hub layout "{split}-NNNNN-of-NNNNN-*.parquet"), or the hub
-        split; None = every file, refused when the folder holds several splits.
+    split: only files of that split (hub layout "{split}-NNNNN-of-NNNNN-*.parquet"), the split of a
+        DatasetDict folder or of a hub dataset; None = every file, refused when the folder holds
+        several splits. With `columns`, files whose names carry no split are all read.
     verify_images: with decode_images=False, still decode each JPEG once so corrupt bytes are
         dropped here rather than at cache build.
     load_images: False = records hold only where their bytes are (no image is read or verified
         here; the cache build and `embed` find corrupt bytes as they decode).
-    columns: a data.columns.ColumnMap = `folder` (a folder or one .parquet file) holds a user's own
-        columns, mapped onto these fields (data.format=columns); None = the Pick-a-Pic schema.
+    columns: a data.columns.ColumnMap = `folder` holds a user's own columns, mapped onto these
+        fields (data.format=columns); None = the Pick-a-Pic schema.
+    streaming: a hub id is read in place from the hub's parquet files (hf://datasets/ID) instead of
+        being downloaded by `datasets.load_dataset`.
     Returns PickAPicPairs; `stats` holds rows, kept, ties_dropped, not_different_dropped,
     unlabeled_dropped, nonfinite_label_dropped, missing_fields_dropped, corrupt_images,
     corrupt_rows_dropped, pairs_dropped_few_pairs, pairs_dropped_max_users, users_total, users_kept,
@@ -490,7 +361,8 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
     stats = Counter(rows=0, ties_dropped=0, not_different_dropped=0, unlabeled_dropped=0, nonfinite_label_dropped=0,
                     missing_fields_dropped=0, corrupt_images=0, corrupt_rows_dropped=0, files_not_parquet=0,
                     files_ignored=0, files_other_splits=0)
-    sources = _sources(str(folder), split, stats, columns)
+    names = resolve(str(folder), split, stats, streaming=streaming, lenient=columns is not None)
+    sources = [columns.source(n) if columns else open_source(n) for n in names]
     for s in sources:
         if columns:
             s.check()
@@ -501,7 +373,7 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
     cands = []
     for si, src in enumerate(sources):
         row = 0
-        for batch in src.iter_meta(batch_rows):
+        for batch in (src.iter_meta(batch_rows) if columns else src.iter_batches(batch_rows, list(META_COLUMNS))):
             cols = {name: batch.column(name).to_pylist() for name in META_COLUMNS}
             for i in range(batch.num_rows):
                 stats["rows"] += 1
@@ -541,8 +413,7 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
                           user_id=user, ranking_id=ranking, source=si, row=row, col_w=w)
                for si, row, caption, w, u0, u1, user, ranking in cands if user in eligible]
     del cands
-    pairs = PickAPicPairs(records=records, sources=[s.name for s in sources],
-                          _tables={s.name: s.table for s in sources if isinstance(s, _TableSource)}, columns=columns)
+    pairs = PickAPicPairs(records=records, sources=[s.name for s in sources], columns=columns)
 
     stats["users_dropped_few_pairs"] = len(few_users)
     stats["kept"] = len(records)

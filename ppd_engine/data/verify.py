@@ -17,7 +17,7 @@ import os
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ppd_engine.cli.common import DefaultsFormatter, UsageError, add_debug, add_progress, cli_errors
+from ppd_engine.cli.common import DefaultsFormatter, UsageError, add_data, add_debug, add_progress, cli_errors
 from ppd_engine.data.pickapic import PickAPicPairs, _decode, format_stats, load_pairs
 from ppd_engine.files import write_json_atomic
 
@@ -87,8 +87,7 @@ def find_corrupt(pairs: PickAPicPairs, workers: int = 0, memo: str | None = None
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ppd_engine.data.verify", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
-    p.add_argument("--split", default="train", help="the split to verify")
+    add_data(p, "the pairs to verify", "train", "the split verified")
     p.add_argument("--min-pairs-per-user", type=int, default=4, help="as the command that will use the pairs")
     p.add_argument("--workers", type=int, default=4, help="decoding processes")
     p.add_argument("--memo", required=True, help="JSON file the answer is remembered in")
@@ -98,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, split=args.split, load_images=False,
-                       progress=args.progress)
+    pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, split=args.split,
+                       streaming=args.streaming, load_images=False, progress=args.progress)
     bad = find_corrupt(pairs, workers=args.workers, memo=args.memo, progress=args.progress)
     print(format_stats(pairs.drop_corrupt(bad, args.min_pairs_per_user).stats))
     return 0

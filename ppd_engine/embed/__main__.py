@@ -14,7 +14,8 @@ import logging
 import time
 
 from ppd_engine.cli.common import (
-    DefaultsFormatter, UsageError, add_debug, add_device, add_dtype, add_progress, cli_errors, device_dtype, resolve_device)
+    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype, add_progress, cli_errors, device_dtype,
+    resolve_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "chain-of-thought user profile, and the hidden state(s) of its final generated token are "
                     "stored as the user's embedding. Rerunning with the same --out resumes.",
         formatter_class=DefaultsFormatter)
-    p.add_argument("--data", required=True, help="folder of Pick-a-Pic v2 parquet files")
-    p.add_argument("--split", default="train", help="Pick-a-Pic split whose users are embedded (files SPLIT-*.parquet)")
+    add_data(p, "the pairs whose users are embedded", "train", "the split whose users are embedded")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"LLaVA-OneVision hub id or local folder (e.g. {SMALL_MODEL} on small machines)")
     p.add_argument("--out", required=True, help="store folder (ppd_engine.embed.store); appended to, one writer per rank")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The index only; the images of the few-shot pairs this rank embeds are read below.
     pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, split=args.split,
-                       load_images=False, progress=args.progress and env.is_main)
+                       streaming=args.streaming, load_images=False, progress=args.progress and env.is_main)
     shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
     mine = sorted(shots)[env.rank::env.world_size]
     by_user = pairs.by_user()

@@ -25,7 +25,8 @@ import random
 import sys
 
 from ppd_engine.cli.common import (
-    DefaultsFormatter, UsageError, add_debug, add_device, add_judge, add_progress, cli_errors, make_judge_backend, resolve_device)
+    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_judge, add_progress, cli_errors, make_judge_backend,
+    resolve_device)
 from ppd_engine.files import write_json_atomic
 
 
@@ -33,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ppd_engine.judge", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
     p.add_argument("mode", choices=("agreement", "winrate"), help="see the module docstring / README")
-    p.add_argument("--data", required=True, help="Pick-a-Pic parquet folder holding each user's few-shot pairs")
-    p.add_argument("--split", default=None, help="only files named SPLIT-*.parquet")
+    add_data(p, "the pairs holding each user's few-shot pairs", None)
     p.add_argument("--manifest", default=None, help="winrate: JSONL of {user_id, caption, image_a, image_b}")
     p.add_argument("--max-users", type=int, default=None, help="agreement: only the users with the most pairs")
     p.add_argument("--queries-per-user", type=int, default=4, help="agreement: held-out pairs judged per user")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
-                       decode_images=False, split=args.split, progress=args.progress)
+                       decode_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
     backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")
     judge = Judge(backend, template=args.judge_template, seed=args.judge_seed)
     result = run_agreement(judge, pairs, args) if args.mode == "agreement" else run_winrate(judge, pairs, args)

@@ -4,7 +4,8 @@ latent cache (every rank encodes its slice; rank 0 merges) -> one Trainer, which
 evaluates the seen and the unseen users' shot pairs as held-out sets. The run records the
 parquet files it read in RUN/data.json. Evaluation is its own command (`python -m ppd_engine.eval`).
 
-data.format=columns reads a user's own parquet through the same path (data/columns.py); one whose
+data.folder may be parquet files, a `datasets` folder, a URL or a hub id (data/sources.py).
+data.format=columns reads a user's own columns through the same path (data/columns.py); one whose
 data.columns maps no user_id trains every pair on the non-personalized objective, with no
 embeddings, shots or user split."""
 
@@ -42,9 +43,9 @@ class PickapicWorld(World):
         d = cfg.data
         columns = ColumnMap.parse(d.columns) if d.format == "columns" else None
         pairs = load_pairs(d.folder, min_pairs_per_user=d.min_pairs_per_user, max_users=d.max_users or None,
-                           split=None if columns else d.split, load_images=False, progress=env.is_main,
-                           columns=columns)
-        self.data_record = {"folder": d.folder, "format": d.format, "split": None if columns else d.split,
+                           split=d.split, load_images=False, progress=env.is_main, columns=columns,
+                           streaming=d.streaming)
+        self.data_record = {"folder": d.folder, "format": d.format, "split": d.split, "streaming": d.streaming,
                             "files": pairs.sources, "stats": pairs.stats}
         if not _has_user_ids(d):
             return self._build_unpersonalized(cfg, env, pairs)
