@@ -2,7 +2,9 @@
 tiny training run whose TensorBoard events and offline wandb run are read back: metrics per step,
 the resolved config as hyper-parameters, the sample grid as an image."""
 import glob
+import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -48,9 +50,14 @@ def test_flat_hparams():
 def _wandb_records(run_dir):
     """(history rows, config) of an offline wandb run, read from its .wandb file (LevelDB log
     blocks of protobuf Records after a 7-byte ':W&B' header; wandb ships no reader)."""
+    (segment,) = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    return _wandb_records_in(segment)
+
+
+def _wandb_records_in(segment):
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    (path,) = glob.glob(str(Path(segment) / "run-*.wandb"))
     buf = open(path, "rb").read()
     assert buf[:4] == b":W&B"
     pos, cur, records = 7, b"", []
@@ -139,3 +146,61 @@ def test_log_records_go_through_tqdm_while_the_bar_shows(tmp_path):
         quiet.close()
     finally:
         root.removeHandler(console)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path, monkeypatch):
+    """Killed during step 5 and resumed from the step-3 checkpoint: MLflow gets the resumed steps in
+    the SAME run (one run in the experiment, with the config as its parameters), wandb writes a
+    second offline segment under the same run id, starting at the resume step (it used to open a
+    new run each time)."""
+    pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    from ppd_engine.testing.tiny_training import make_embeddings, make_items, tiny_model
+    from ppd_engine.training import Trainer
+
+    for var, sub in (("WANDB_DIR", "w"), ("WANDB_CONFIG_DIR", "wc"), ("WANDB_CACHE_DIR", "wk"), ("WANDB_DATA_DIR", "wd")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 asks for this to use a plain folder
+    base = ["train.pairs_per_step=4", "train.micro_batch=2", "train.max_steps=6", "train.mixed_precision=fp32",
+            "optim.name=adamw", "optim.lr=1e-3", "log.report_to=wandb,mlflow", "log.progress=false",
+            "checkpoint.every=3", "log.project=ppd-resume", "train.reference=online"]
+
+    class CrashAfter(list):
+        left = 4 * 4 + 1          # item reads: 4 steps of 4 pairs, then one into step 5
+
+        def __getitem__(self, i):
+            CrashAfter.left -= 1
+            if CrashAfter.left < 0:
+                raise KeyboardInterrupt("simulated kill")
+            return super().__getitem__(i)
+
+    run = tmp_path / "run"
+    model = tiny_model("sd15")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(load_config(None, base), model, CrashAfter(make_items(model, 10)), make_embeddings(du=24), str(run)).fit()
+    ids = json.loads((run / "trackers.json").read_text())
+    model = tiny_model("sd15")
+    Trainer(load_config(None, [*base, "checkpoint.resume=latest"]), model, make_items(model, 10), make_embeddings(du=24),
+            str(run)).fit()
+    assert json.loads((run / "trackers.json").read_text()) == ids
+
+    client = mlflow.tracking.MlflowClient()
+    (exp,) = [e for e in client.search_experiments() if e.name == "ppd-resume"]
+    (only,) = client.search_runs([exp.experiment_id])
+    assert only.info.run_id == ids["mlflow"] and only.data.params["optim.lr"] == "0.001"
+    assert only.data.params["checkpoint.resume"] == "" and only.data.tags["resumed.checkpoint.resume"] == "latest"
+    history = client.get_metric_history(only.info.run_id, "train.loss")
+    # the killed run logged 1-4; the resumed one 4-6 (step 4 again: MLflow keeps both values)
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 4, 5, 6]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert max(history, key=lambda m: (m.step, m.timestamp)).value == pytest.approx(rows[-1]["loss"])
+
+    segments = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
+    assert len(segments) == 2 and all(s.endswith("-" + ids["wandb"]) for s in segments)
+    first, second = ([h["_step"] for h in _wandb_records_in(s)[0]] for s in segments)
+    assert first == ["1", "2", "3", "4"] and second == ["4", "5", "6"]

@@ -229,7 +229,8 @@ class LogConfig:
     report_to: str = _f(
         "tensorboard", "experiment trackers: none | tensorboard (RUN/tb) | wandb | mlflow | "
         "all (every one installed), or a comma list such as tensorboard,wandb; the resolved config is logged as "
-        "hyper-parameters and sample grids as images; a requested tracker that is not installed is an error "
+        "hyper-parameters and sample grids as images; a resumed run continues its wandb / MLflow runs "
+        "(RUN/trackers.json); a requested tracker that is not installed is an error "
         "at start-up (replaces log.tensorboard, still read: true = tensorboard, false = none)")
     project: str = _f("ppd_engine", "wandb project / MLflow experiment the run is logged under")
     progress: bool = _f(True, "show the tqdm progress bar")
