@@ -155,7 +155,6 @@ def _summary(result, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = _parse(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.print_config:
         cfg = resolve_config(args, runnable=False)
         text = config_to_yaml(cfg)

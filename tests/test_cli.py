@@ -121,3 +121,46 @@ def test_non_editable_install_runs_from_anywhere(tmp_path):
     assert (run / "report.json").is_file()
     shown = _run([str(py), "-m", "ppd_engine.train", "--print-config"], tmp_path, env=env)
     assert shown.returncode == 0 and "world: toy" in shown.stdout
+
+
+def test_command_log_lines_never_land_inside_a_progress_bar_line():
+    """Every command logs through tqdm.write (cli_errors sets it up): a record emitted while a bar
+    shows gets its own line; a plain stream handler writes it after the bar's text on the bar's line."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from ppd_engine.cli.common import TqdmLoggingHandler
+
+    def emitted_with(handler_cls):
+        stream = io.StringIO()
+        handler = handler_cls(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger = logging.getLogger("ppd_engine.test_bar")
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            with tqdm(total=3, file=stream, desc="work", mininterval=0, ascii=True) as bar:
+                bar.update(1)
+                logger.warning("a corrupt image")
+                bar.update(1)
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = True
+        # What a terminal shows on the line holding the message: the text after its last \r.
+        (line,) = [seg for seg in stream.getvalue().split("\n") if "a corrupt image" in seg]
+        return line.rsplit("\r", 1)[-1]
+
+    assert emitted_with(TqdmLoggingHandler) == "WARNING a corrupt image"
+    assert emitted_with(logging.StreamHandler).startswith("work:")     # the collision it fixes
+
+
+def test_every_command_sets_up_tqdm_logging(tmp_path):
+    code = ("import logging; from ppd_engine.cli.common import cli_errors, TqdmLoggingHandler\n"
+            "main = cli_errors(lambda argv: logging.getLogger('ppd_engine.x').info('hello') or 0)\n"
+            "assert main([]) == 0\n"
+            "assert [type(h) for h in logging.getLogger().handlers] == [TqdmLoggingHandler]\n")
+    out = _run([sys.executable, "-c", code], ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.rstrip().endswith("INFO ppd_engine.x: hello")

@@ -426,7 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-mb", type=int, default=256, help="approximate shard size in MiB")
     p.add_argument("--no-rebuild", action="store_true", help="fail instead of rebuilding a cache built with other settings")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")

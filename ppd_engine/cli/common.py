@@ -8,6 +8,9 @@ and one-line errors with a non-zero exit.
     --judge local|http --judge-model … the VLM judge, spelled the same in `judge` and `eval`
     --debug                           show the traceback of an input error instead of one line
 
+Logging: every command logs INFO and up to stderr through tqdm.write (TqdmLoggingHandler), so a
+log line never lands inside a progress bar's line, whichever bar is showing.
+
 Exit codes: 0 success, 2 usage or input error (one line on stderr, naming the file, key or flag),
 3 training stopped on bad steps, 4 a peer rank stopped answering (training/distributed.py
 Heartbeat), 1 a bug (traceback). docs/RELIABILITY.md lists what the engine promises.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import os
 import sys
 
@@ -154,14 +158,44 @@ def _debug_requested(argv) -> bool:
     return "--debug" in args or os.environ.get("PPD_DEBUG", "") not in ("", "0")
 
 
+class TqdmLoggingHandler(logging.StreamHandler):
+    """A stderr handler that writes through tqdm.write: the progress bars showing are cleared, the
+    line is written, and they are drawn again below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise; the logging module's own policy
+            self.handleError(record)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The commands' logging: INFO and up on stderr through tqdm. Leaves a root logger that is
+    already configured (an embedding application, pytest's capture) as it is."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = TqdmLoggingHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
 def cli_errors(main):
-    """Wrap a command's main(argv): input errors become one line on stderr and exit 2.
+    """Wrap a command's main(argv): logging set up (setup_logging); input errors become one line on
+    stderr and exit 2.
 
     Input errors: ConfigError/UsageError/ValueError, missing files, KeyError (a name that is not
     there), OSError. With --debug (or PPD_DEBUG=1) the traceback is shown instead."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        setup_logging()
         try:
             return main(argv)
         except (ValueError, KeyError, OSError) as exc:

@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, split=args.split,
                        streaming=args.streaming, load_images=False, progress=args.progress)
     bad = find_corrupt(pairs, workers=args.workers, memo=args.memo, progress=args.progress)

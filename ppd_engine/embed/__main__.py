@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 
 from ppd_engine.cli.common import (
@@ -74,7 +73,6 @@ def main(argv: list[str] | None = None) -> dict:
     from .vlm import load_vlm
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name, v in (("--shots", args.shots), ("--chunks", args.chunks), ("--batch-users", args.batch_users)):
         if v < 1:
             raise UsageError(f"{name} must be >= 1, got {v}")

@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> dict:
     from .core import Judge
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
                        decode_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
     backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")

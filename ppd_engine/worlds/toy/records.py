@@ -70,6 +70,9 @@ def read_metadata(path: Path, fmt: str, what: str, remake: str) -> dict:
 
 def make_from_cli(parser: argparse.ArgumentParser, make: Callable[[], dict], out: str) -> None:
     """Run a making command: a refused overwrite is a usage error (exit 2); print the record."""
+    from ppd_engine.cli.common import setup_logging
+
+    setup_logging()
     try:
         rec = make()
     except FileExistsError as e:
