@@ -118,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-guidance", type=float, default=None,
                    help="extra guidance away from the zero (user-agnostic) embedding; 0 = off (default: what the "
                         "run used: toy.user_guidance for toy runs, else 0)")
-    p.add_argument("--user-scale", type=float, default=1.0, help="strength of the user attention branch")
+    p.add_argument("--user-scale", type=float, default=1.0,
+                   help="multiplies the user attention branch's trained strength (adapters.scale): 1 = as trained, "
+                        "0 = off; the same as stock diffusers' set_ip_adapter_scale on a `ppd export`")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: what the run used: toy.sample_steps for toy runs, else "
                         "log.sample_steps)")

@@ -109,7 +109,9 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
         seeds: N ints; sample i starts from noise drawn with seeds[i] only.
         steps: sampler steps. guidance: text classifier-free guidance scale (1 = off, one pass less).
         user_guidance: extra guidance away from the zero-embedding (user-agnostic) branch; 0 = off.
-        user_scale: strength of the user attention branch (the adapters' scale) for this call.
+        user_scale: multiplies the user attention branch's trained strength (the adapters' scale s)
+            for this call: 1 = as trained, 0 = off; the same as stock diffusers'
+            `set_ip_adapter_scale` on an export, where s is folded into the weights.
         sampler: "ddim" (eta 0), "dpm" (DPM-Solver++ 2M) or a diffusers scheduler class name
             (`make_scheduler`). negative_prompt: the caption of the unconditional branch ("" = the
             empty caption that caption dropout trains). height, width: image size in pixels (None =
@@ -267,7 +269,7 @@ def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance,
 
 @contextlib.contextmanager
 def _adapter_scale(unet, scale: float, active: bool):
-    """Temporarily set the adapters' inference scale (a no-op without a user)."""
+    """Temporarily multiply the adapters' scale by `scale` (a no-op without a user)."""
     if not active or scale == 1.0:
         yield
         return
@@ -275,7 +277,7 @@ def _adapter_scale(unet, scale: float, active: bool):
 
     handle = get_user_adapters(unet)
     saved = handle.scale
-    handle.scale = float(scale)
+    handle.scale = saved * float(scale)
     try:
         yield
     finally:

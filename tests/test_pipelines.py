@@ -7,7 +7,7 @@ from ppd_engine.pipelines import from_run
 from ppd_engine.testing.tiny_runs import make_tiny_run
 
 
-def _engine(run, embedding, prompt, seeds, steps, guidance, sampler, negative=""):
+def _engine(run, embedding, prompt, seeds, steps, guidance, sampler, negative="", user_scale=1.0):
     import ppd_engine.worlds  # noqa: F401
     from ppd_engine.sampling import generate
     from ppd_engine.training import load_run
@@ -15,7 +15,7 @@ def _engine(run, embedding, prompt, seeds, steps, guidance, sampler, negative=""
     _, model = load_run(run)
     embeds = embedding[None].expand(len(seeds), -1, -1).contiguous()
     return generate(model, [prompt] * len(seeds), embeds, seeds, steps=steps, guidance=guidance, sampler=sampler,
-                    negative_prompt=negative)
+                    negative_prompt=negative, user_scale=user_scale)
 
 
 @pytest.mark.parametrize("family,projection,scale,sampler", [("sd15", "linear", 0.8, "ddim"),
@@ -36,6 +36,13 @@ def test_from_run_matches_engine_sampler(tmp_path, family, projection, scale, sa
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         want = _engine(run, run_user_embedding(run, cfg, **who), prompt, seeds, steps, guidance, sampler)
         torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
+    # IP-Adapter scale x on the export (training scale folded in) = the engine's user_scale x.
+    pipe.set_ip_adapter_scale(0.5)
+    half = pipe(prompt, negative_prompt="", ip_adapter_image_embeds=embeds, num_inference_steps=steps,
+                guidance_scale=guidance, num_images_per_prompt=len(seeds), output_type="pt",
+                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    want = _engine(run, run_user_embedding(run, cfg, **who), prompt, seeds, steps, guidance, sampler, user_scale=0.5)
+    torch.testing.assert_close(half.float(), want, rtol=1e-4, atol=1e-4)
     # The user branch acts: without it (IP-Adapter scale 0) the same call gives other images.
     pipe.set_ip_adapter_scale(0.0)
     base = pipe(prompt, negative_prompt="", ip_adapter_image_embeds=embeds, num_inference_steps=steps,

@@ -120,3 +120,24 @@ def test_generate_errors():
         generate(_model(adapters=True), PROMPTS, torch.randn(2, 3, 6), [1, 2, 3], steps=2)
     with pytest.raises(ValueError, match="steps"):
         generate(model, PROMPTS, None, [1, 2, 3], steps=0)
+
+
+def test_user_scale_multiplies_the_trained_scale_as_an_export_does():
+    """A run trained with adapters.scale = s: user_scale x samples at strength x * s, continuous in
+    x (it used to REPLACE s for every x but 1, so 1.0 gave s and 1.001 gave 1.001), and the same
+    as stock diffusers' set_ip_adapter_scale(x) on the export, where s is folded in."""
+    from ppd_engine.adapters import get_user_adapters
+
+    model = _model(seed=3, adapters=True)
+    handle = get_user_adapters(model.unet)
+    seeds, u = [1, 2], torch.randn(2, 3, 6)
+    handle.scale = 0.5                                       # the trained strength s
+    half = generate(model, PROMPTS[:2], u, seeds, steps=2, guidance=2.0)
+    doubled = generate(model, PROMPTS[:2], u, seeds, steps=2, guidance=2.0, user_scale=2.0)
+    near = generate(model, PROMPTS[:2], u, seeds, steps=2, guidance=2.0, user_scale=1.0 + 1e-6)
+    assert handle.scale == 0.5                               # restored
+    handle.scale = 1.0
+    full = generate(model, PROMPTS[:2], u, seeds, steps=2, guidance=2.0)
+    torch.testing.assert_close(doubled, full, rtol=0, atol=1e-6)             # 2 x 0.5 = 1
+    torch.testing.assert_close(near, half, rtol=0, atol=1e-4)                # no jump next to 1
+    assert (full - half).abs().max() > 1e-3

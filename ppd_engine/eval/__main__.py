@@ -63,7 +63,7 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
     g.add_argument("--user-guidance", type=float, default=0.0,
                    help="extra guidance over the user embedding (default 0 = off)")
     g.add_argument("--user-scale", type=float, default=1.0,
-                   help="scale s of the user cross-attention branch (default 1)")
+                   help="multiplies the user branch's trained strength (adapters.scale): 1 = as trained (default 1)")
 
 
 def _synthetic_users_arg(p: argparse.ArgumentParser, required: bool = False) -> None:
