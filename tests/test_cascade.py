@@ -269,3 +269,35 @@ def test_sampling_prior_and_decoder_returns_rgb_of_the_requested_size():
     assert torch.equal(generate(m, ["a cat", "a red dog"], None, [5, 6], steps=3, guidance=4.0), base)
     with pytest.raises(ValueError, match="'ddim' only"):
         generate(m, ["a cat"], None, [5], steps=2, sampler="dpm")
+
+
+def test_cache_build_cli_builds_the_cascade_cache_training_reuses(tmp_path, capsys):
+    """`python -m ppd_engine.cache.build --family cascade` (it offered sd15/sdxl only): the cache it
+    writes is the one the cascade family's training build finds complete (same fingerprint)."""
+    from ppd_engine.cache import build_cache
+    from ppd_engine.cache.build import main
+    from ppd_engine.cache.store import read_index
+    from ppd_engine.data.pickapic import load_pairs
+    from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
+
+    p = tiny_cascade()
+    data = str(tmp_path / "data")
+    write_pickapic_fixture(data)
+    cache = str(tmp_path / "cache")
+    common = ["--family", "cascade", "--pretrained", p["prior"], "--data", data, "--cache-dir", cache,
+              "--resolution", "64", "--workers", "0", "--no-progress", "--device", "cpu"]
+    assert main(common) == 2 and "--family cascade needs --effnet" in capsys.readouterr().err
+    assert main([*common, "--effnet", p["effnet"]]) == 0
+    assert "images encoded" in capsys.readouterr().out
+    assert read_index(cache)["meta"]["family"] == "cascade"
+    pairs = load_pairs(data, load_images=False, progress=False)
+    again = build_cache(_model(64, effnet=True), pairs.records, cache, resolution=64, progress=False,
+                        images=pairs.image_reader(), on_mismatch="raise")
+    assert again.images_encoded == 0 and again.images_reused > 0 and again.texts_encoded == 0
+    # A cache built with other settings, under --no-rebuild: one line naming what differs, exit 2
+    # (CacheMismatchError was a RuntimeError, so the command died with a traceback).
+    capsys.readouterr()
+    assert main([*common, "--effnet", p["effnet"], "--no-flip", "--no-rebuild"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "(changed: flip)" in last and "Traceback" not in err

@@ -408,8 +408,14 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Encode Pick-a-Pic images (VAE) and captions (text encoders) once "
                                             "into a sharded safetensors cache used by training.",
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--family", required=True, choices=["sd15", "sdxl"], help="model family")
-    p.add_argument("--pretrained", required=True, help="diffusers hub id or local pipeline folder")
+    p.add_argument("--family", required=True, choices=["sd15", "sdxl", "cascade"],
+                   help="model family (cascade: Stable Cascade Stage C, encoded by the EfficientNet of --effnet)")
+    p.add_argument("--pretrained", required=True,
+                   help="diffusers hub id or local pipeline folder (cascade: the StableCascadePriorPipeline)")
+    p.add_argument("--prior", default="prior", help="cascade: subfolder of --pretrained holding the prior whose "
+                                                    "text encoder is used: prior | prior_lite")
+    p.add_argument("--effnet", default="", help="cascade: Stable Cascade's effnet_encoder.safetensors (required "
+                                                "for --family cascade)")
     add_data(p, "the pairs to cache", "train", "the split whose pairs are cached")
     p.add_argument("--cache-dir", required=True, help="output folder of the cache")
     p.add_argument("--min-pairs-per-user", type=int, default=4, help="drop users with fewer pairs (default 4)")
@@ -429,13 +435,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.family == "cascade" and not args.effnet:
+        raise UsageError("--family cascade needs --effnet (effnet_encoder.safetensors): Stage C latents are "
+                         "EfficientNet features")
     # The index only: each rank reads the bytes of its own slice, row group by row group.
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, max_users=args.max_users,
                        split=args.split, streaming=args.streaming, load_images=False, progress=args.progress)
     env = init_distributed(resolve_device(args.device), "auto")
     if env.is_main:
         print(format_stats(pairs.stats))
-    model = load_diffusion_model(args.family, args.pretrained, dtype=torch_dtype(args.model_dtype), device=env.device)
+    if args.family == "cascade":
+        from ppd_engine.cascade import DEFAULT_RESOLUTION, load_cascade_model
+
+        # The same loader the trainer's cascade family uses, so the cache's fingerprint matches.
+        model = load_cascade_model(args.pretrained, prior=args.prior, effnet=args.effnet,
+                                   dtype=torch_dtype(args.model_dtype), device=env.device,
+                                   resolution=args.resolution or DEFAULT_RESOLUTION)
+    else:
+        model = load_diffusion_model(args.family, args.pretrained, dtype=torch_dtype(args.model_dtype),
+                                     device=env.device)
     report = build_cache(model, pairs.records, args.cache_dir, resolution=args.resolution, flip=not args.no_flip,
                          dtype=args.dtype, batch_size=args.batch_size, shard_bytes=args.shard_mb << 20,
                          on_mismatch="raise" if args.no_rebuild else "rebuild", progress=args.progress,

@@ -52,7 +52,7 @@ def fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class CacheMismatchError(RuntimeError):
+class CacheMismatchError(ValueError):
     """The cache on disk was built for another model, resolution or preprocessing."""
 
 
