@@ -481,6 +481,8 @@ def test_load_judge_shots_from_pickapic_folder(tmp_path):
     shots = load_judge_shots(str(tmp_path), ["101", "103", "999"], Store(), progress=False)
     assert set(shots) == {"101", "103"}                      # 999 has no pairs: not judged
     assert [s.uid_w for s in shots["101"]] == [r.uid_w for r in chosen]   # the recorded shots
+    # ... with their own bytes, read for the evaluated users only (the index holds none)
+    assert [(s.image_w, s.image_l) for s in shots["101"]] == [(r.image_w, r.image_l) for r in chosen]
     assert len(shots["103"]) == 4 and isinstance(shots["103"][0].image_w, bytes)
 
 

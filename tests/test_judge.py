@@ -249,8 +249,17 @@ def test_cli_agreement_with_position_biased_server(tmp_path, monkeypatch):
     from ppd_engine.judge.__main__ import main
     from ppd_engine.testing.pickapic_fixture import write_pickapic_fixture
 
+    from ppd_engine.data.pickapic import PickAPicPairs, load_pairs
+
     write_pickapic_fixture(str(tmp_path / "d"))
     replies = [(200, _chat("Prediction of user preference: 1"))] * 200
+    read, real = [], PickAPicPairs.with_images
+
+    def spy(self, records):
+        read.extend(records)
+        return real(self, records)
+
+    monkeypatch.setattr(PickAPicPairs, "with_images", spy)
     with _Server(replies) as srv:
         monkeypatch.setenv("PPD_JUDGE_BASE_URL", srv.url)
         monkeypatch.setenv("PPD_JUDGE_API_KEY", "k")
@@ -258,6 +267,11 @@ def test_cli_agreement_with_position_biased_server(tmp_path, monkeypatch):
         r = main(["agreement", "--data", str(tmp_path / "d"), "--judge", "http", "--judge-model", "m",
                   "--queries-per-user", "2", "--out", str(out), "--no-progress"])
     assert r["queries"] > 0 and r["dropped"] == r["queries"] and r["consistent"] == 0 and r["agreement"] is None
+    # Only the judged pairs and their users' 4 shots were read (it used to load every JPEG of the
+    # split); a query whose images do not decode is skipped and counted, not judged.
+    users = {x.user_id for x in read}
+    assert len(read) == 4 * len(users) + r["queries"] + r["skipped_bad_images"]
+    assert len(read) < len(load_pairs(str(tmp_path / "d"), load_images=False, progress=False).records)
     assert json.loads(out.read_text())["queries"] == r["queries"]
     assert len(srv.requests) == 2 * r["queries"]
 

@@ -34,7 +34,8 @@ def load_judge_shots(data: str, users: Sequence[str], store=None, embed_index: i
     """user -> few-shot PairRecords (JPEG bytes) for each evaluated user that has them."""
     from ppd_engine.data.pickapic import load_pairs
 
-    pairs = load_pairs(data, min_pairs_per_user=n_shots, decode_images=False, split=split, progress=progress)
+    # The index only; the bytes of the evaluated users' shots are read at the end (not the split's).
+    pairs = load_pairs(data, min_pairs_per_user=n_shots, load_images=False, split=split, progress=progress)
     split_shots, _ = pairs.few_shot_split(n_shots=n_shots, seed=seed)
     by_user = pairs.by_user()
     out = {}
@@ -50,7 +51,8 @@ def load_judge_shots(data: str, users: Sequence[str], store=None, embed_index: i
     if missing:
         log.warning("%d user(s) have no few-shot pairs in %s and are not judged (e.g. %s)",
                     len(missing), data, missing[:5])
-    return out
+    filled = iter(pairs.with_images([r for shots in out.values() for r in shots]))
+    return {u: [next(filled) for _ in shots] for u, shots in out.items()}
 
 
 def make_judge_fn(judge, shots: Mapping[str, list], batch: int = 4) -> Callable:

@@ -46,37 +46,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Users whose pairs' image bytes are read at once: memory holds one chunk's images (row groups read
+# in file order within it), never the split's.
+CHUNK_USERS = 32
+
+
+def _filled_by_user(pairs, records_of: dict[str, list]):
+    """(user, {id(record): the record with its image bytes}) for each user of `records_of`, in
+    order, reading the bytes CHUNK_USERS users at a time."""
+    users = list(records_of)
+    for i in range(0, len(users), CHUNK_USERS):
+        part = users[i:i + CHUNK_USERS]
+        recs = [r for u in part for r in records_of[u]]
+        filled = {id(r): f for r, f in zip(recs, pairs.with_images(recs))}
+        for u in part:
+            yield u, filled
+
+
 def run_agreement(judge, pairs, args) -> dict:
     from tqdm.auto import tqdm
 
     shots, _ = pairs.few_shot_split(n_shots=args.judge_shots, seed=args.judge_seed)
     by_user = pairs.by_user()
     rng = random.Random(args.judge_seed)
-    queries = []  # (user, shots, image_a, image_b, caption, winner_is_a)
+    queries: dict[str, list] = {}  # user -> [(held-out record, winner shown as A)]
     for user in sorted(shots):
         held = {id(r) for r in shots[user]}
         rest = [r for r in by_user[user] if id(r) not in held]
         for r in rng.sample(rest, min(args.queries_per_user, len(rest))):
-            a_wins = rng.random() < 0.5  # the winner's position is random, so position bias cannot score
-            a, b = (r.image_w, r.image_l) if a_wins else (r.image_l, r.image_w)
-            queries.append((user, shots[user], a, b, r.caption, a_wins))
-    totals = {"queries": 0, "consistent": 0, "dropped": 0, "correct": 0}
+            # the winner's position is random, so position bias cannot score
+            queries.setdefault(user, []).append((r, rng.random() < 0.5))
+    totals = {"queries": 0, "consistent": 0, "dropped": 0, "correct": 0, "skipped_bad_images": 0}
     per_user: dict[str, dict] = {}
-    for q in tqdm(queries, desc="judge", unit="pair", disable=not args.progress):
-        user, sh, a, b, caption, a_wins = q
-        try:
-            res = judge.compare(sh, a, b, caption)
-        except ValueError as e:  # undecodable image in this query: skip it, keep going
-            logging.warning("skipping a query of user %s: %s", user, e)
-            totals["dropped"] += 1
-            continue
-        u = per_user.setdefault(user, {"queries": 0, "consistent": 0, "correct": 0})
-        for d in (totals, u):
-            d["queries"] += 1
-            if res.consistent:
-                d["consistent"] += 1
-                d["correct"] += int((res.choice == 0) == a_wins)
-        totals["dropped"] += int(not res.consistent)
+    needed = {u: [*shots[u], *(r for r, _ in qs)] for u, qs in queries.items()}
+    with tqdm(total=sum(map(len, queries.values())), desc="judge", unit="pair", disable=not args.progress) as bar:
+        for user, filled in _filled_by_user(pairs, needed):
+            sh = [filled[id(r)] for r in shots[user]]
+            for r, a_wins in queries[user]:
+                bar.update(1)
+                f = filled[id(r)]
+                a, b = (f.image_w, f.image_l) if a_wins else (f.image_l, f.image_w)
+                try:
+                    res = judge.compare(sh, a, b, r.caption)
+                except ValueError as e:  # undecodable image in this query or its shots: skip it, keep going
+                    logging.warning("skipping a query of user %s: %s", user, e)
+                    totals["skipped_bad_images"] += 1
+                    continue
+                u = per_user.setdefault(user, {"queries": 0, "consistent": 0, "correct": 0})
+                for d in (totals, u):
+                    d["queries"] += 1
+                    if res.consistent:
+                        d["consistent"] += 1
+                        d["correct"] += int((res.choice == 0) == a_wins)
+                totals["dropped"] += int(not res.consistent)
     totals["agreement"] = totals["correct"] / totals["consistent"] if totals["consistent"] else None
     return {"mode": "agreement", **totals, "users": len(per_user), "per_user": per_user}
 
@@ -103,22 +125,29 @@ def run_winrate(judge, pairs, args) -> dict:
     shots, _ = pairs.few_shot_split(n_shots=args.judge_shots, seed=args.judge_seed)
     per_user: dict[str, dict] = {}
     totals = {"wins_a": 0, "wins_b": 0, "dropped": 0, "skipped_no_shots": 0, "skipped_bad_rows": bad}
-    for user, caption, pa, pb in tqdm(rows, desc="judge", unit="pair", disable=not args.progress):
-        if user not in shots:
+    rows_of: dict[str, list] = {}
+    for row in rows:
+        if row[0] in shots:
+            rows_of.setdefault(row[0], []).append(row)
+        else:
             totals["skipped_no_shots"] += 1
-            continue
-        try:
-            a, b = (as_pil(_read(os.path.join(root, x)), x) for x in (pa, pb))
-        except (OSError, ValueError) as e:
-            logging.warning("skipping a pair of user %s: %s", user, e)
-            totals["skipped_bad_rows"] += 1
-            continue
-        wr = judge.winrate(shots[user], [a], [b], [caption])
-        u = per_user.setdefault(user, {"wins_a": 0, "wins_b": 0, "dropped": 0})
-        for d in (totals, u):
-            d["wins_a"] += wr.wins_a
-            d["wins_b"] += wr.wins_b
-            d["dropped"] += wr.dropped
+    with tqdm(total=sum(map(len, rows_of.values())), desc="judge", unit="pair", disable=not args.progress) as bar:
+        for user, filled in _filled_by_user(pairs, {u: shots[u] for u in rows_of}):
+            sh = [filled[id(r)] for r in shots[user]]
+            for _, caption, pa, pb in rows_of[user]:
+                bar.update(1)
+                try:
+                    a, b = (as_pil(_read(os.path.join(root, x)), x) for x in (pa, pb))
+                except (OSError, ValueError) as e:
+                    logging.warning("skipping a pair of user %s: %s", user, e)
+                    totals["skipped_bad_rows"] += 1
+                    continue
+                wr = judge.winrate(sh, [a], [b], [caption])
+                u = per_user.setdefault(user, {"wins_a": 0, "wins_b": 0, "dropped": 0})
+                for d in (totals, u):
+                    d["wins_a"] += wr.wins_a
+                    d["wins_b"] += wr.wins_b
+                    d["dropped"] += wr.dropped
     judged = totals["wins_a"] + totals["wins_b"]
     totals["win_rate_a"] = totals["wins_a"] / judged if judged else None
     return {"mode": "winrate", **totals, "users": len(per_user), "per_user": per_user}
@@ -136,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     from .core import Judge
 
     args = build_parser().parse_args(argv)
+    # The index only: the bytes of the pairs judged (and their users' shots) are read per chunk of users.
     pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
-                       decode_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
+                       load_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
     backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")
     judge = Judge(backend, template=args.judge_template, seed=args.judge_seed)
     result = run_agreement(judge, pairs, args) if args.mode == "agreement" else run_winrate(judge, pairs, args)
@@ -155,7 +185,8 @@ def summary(r: dict) -> str:
     if r["mode"] == "agreement":
         agr = "n/a" if r["agreement"] is None else f"{r['agreement']:.3f}"
         return (f"agreement {agr} over {r['consistent']} consistent judgements of {r['queries']} pairs "
-                f"({r['users']} users); dropped {r['dropped']} inconsistent/malformed")
+                f"({r['users']} users); dropped {r['dropped']} inconsistent/malformed, skipped "
+                f"{r.get('skipped_bad_images', 0)} with an undecodable image")
     wr = "n/a" if r["win_rate_a"] is None else f"{r['win_rate_a']:.3f}"
     return (f"win rate of A {wr}: A {r['wins_a']} / B {r['wins_b']} over {r['users']} users; dropped "
             f"{r['dropped']} inconsistent/malformed, skipped {r['skipped_no_shots']} (user without shots) + "
