@@ -34,9 +34,12 @@ def _module_imports(name: str) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            assert not node.level, f"{name}: relative import {node.module!r}"
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
+            module = node.module or ""
+            if node.level:   # from .x import y: relative to the module's package
+                package = name.rsplit(".", node.level)[0]
+                module = f"{package}.{module}" if module else package
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
     return {m for m in found if m.startswith("ppd_engine.") and (ROOT / (m.replace(".", "/") + ".py")).is_file()}
 
 

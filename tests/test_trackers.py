@@ -3,6 +3,7 @@ tiny training run whose TensorBoard events and offline wandb run are read back: 
 the resolved config as hyper-parameters, the sample grid as an image."""
 import glob
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -200,7 +201,8 @@ def test_a_resumed_run_continues_its_wandb_and_mlflow_runs(tmp_path, monkeypatch
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert max(history, key=lambda m: (m.step, m.timestamp)).value == pytest.approx(rows[-1]["loss"])
 
+    # offline-run-<time>-<id>, and -1 after it when both segments start in the same second
     segments = sorted(glob.glob(str(run / "wandb" / "offline-run-*")))
-    assert len(segments) == 2 and all(s.endswith("-" + ids["wandb"]) for s in segments)
+    assert len(segments) == 2 and all(re.search(rf"-{ids['wandb']}(-\d+)?$", s) for s in segments), segments
     first, second = ([h["_step"] for h in _wandb_records_in(s)[0]] for s in segments)
     assert first == ["1", "2", "3", "4"] and second == ["4", "5", "6"]
