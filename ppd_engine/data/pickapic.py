@@ -371,6 +371,9 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
 
     # Pass 1: label filtering on the light columns. cand: (source, row, caption, winner, uid0, uid1, user, ranking)
     cands = []
+    # One string object per distinct caption and user id: users have hundreds of pairs and prompts
+    # repeat across pairs, so the index holds each once (dropped with this function's frame).
+    shared: dict[str, str] = {}
     for si, src in enumerate(sources):
         row = 0
         for batch in (src.iter_meta(batch_rows) if columns else src.iter_batches(batch_rows, list(META_COLUMNS))):
@@ -394,8 +397,9 @@ def load_pairs(folder: str, min_pairs_per_user: int = 4, max_users: int | None =
                 elif user is None or u0 is None or u1 is None:
                     stats["missing_fields_dropped"] += 1
                 else:
-                    cands.append((si, row + i, cols["caption"][i] or "", 0 if l0 > l1 else 1,
-                                  u0, u1, user, normalise_id(cols["ranking_id"][i])))
+                    caption = cols["caption"][i] or ""
+                    cands.append((si, row + i, shared.setdefault(caption, caption), 0 if l0 > l1 else 1,
+                                  u0, u1, shared.setdefault(user, user), normalise_id(cols["ranking_id"][i])))
             row += batch.num_rows
 
     users_before = Counter(c[6] for c in cands)
