@@ -219,3 +219,18 @@ def test_pipeline_skips_items_with_undecodable_images(tiny, tmp_path):
     assert stats["chunks_bad_images"] == 1 and stats["chunks_embedded"] == 2
     assert EmbeddingStore(store.path).users() == ["a", "c"]
     assert store.meta("a")[0]["sample_seed"] is not None and store.meta("a")[0]["generation"]["temperature"] == 0.7
+
+
+def test_resume_plans_the_chunks_the_store_lacks_by_number(tmp_path):
+    """A user whose chunk 1 failed (not stored) while chunk 2 was: a rerun embeds chunks 1 and 3. It
+    used to count embeddings (2) and redo chunks 2 and 3: chunk 2 twice, chunk 1 never."""
+    from ppd_engine.embed.pipeline import plan
+    from ppd_engine.embed.store import EmbeddingStore
+
+    recs = [SimpleNamespace(uid_w=f"w{i}", uid_l=f"l{i}", caption=f"c{i}") for i in range(16)]
+    store = EmbeddingStore(str(tmp_path / "users"))
+    store.append_many([("u", torch.zeros(2, 1, 3), {"chunks": [{"chunk": 0}, {"chunk": 2}]}),
+                       ("v", torch.zeros(1, 1, 3), None)])             # no chunk numbers: its first one
+    items, stats = plan({"u": recs, "v": recs}, {"u": recs[:4], "v": recs[:4]}, 4, 4, 0, store)
+    assert [(it.user_id, it.chunk) for it in items] == [("u", 1), ("u", 3), ("v", 1), ("v", 2), ("v", 3)]
+    assert stats == {"users_already_done": 0, "users_resumed": 2}

@@ -47,14 +47,28 @@ def user_chunks(records: Sequence[Any], first: Sequence[Any], n_shots: int, k: i
     return groups[:k]
 
 
+def stored_chunks(store: EmbeddingStore, user: str) -> set[int]:
+    """Chunk numbers of `user`'s stored embeddings; a store written without them (another tool)
+    counts its first K embeddings as chunks 0..K-1."""
+    n = store.count(user)
+    if not n:
+        return set()
+    records = store.meta(user)
+    if all(isinstance(r.get("chunk"), int) for r in records):
+        return {r["chunk"] for r in records}
+    return set(range(n))
+
+
 def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: int, k: int, seed: int,
          store: EmbeddingStore) -> tuple[list[WorkItem], dict]:
-    """Work items for every (user, chunk) the store does not hold yet (a rerun resumes)."""
+    """Work items for every (user, chunk) the store does not hold yet (a rerun resumes): the chunks
+    whose numbers the user's stored records lack, so a chunk that failed (no profile, a bad image)
+    is tried again and one stored after it is not embedded twice."""
     items, done, partial = [], 0, 0
     for user in sorted(shots):
-        have = store.count(user)
+        have = stored_chunks(store, user)
         groups = user_chunks(by_user[user], shots[user], n_shots, k, seed, user)
-        todo = [WorkItem(user, c, g) for c, g in enumerate(groups) if c >= have]
+        todo = [WorkItem(user, c, g) for c, g in enumerate(groups) if c not in have]
         if not todo:
             done += 1
         elif have:
