@@ -161,7 +161,19 @@ def resolve_source(pretrained: str, what: str = "model folder") -> tuple[str, di
     local = os.path.isdir(pretrained)
     if not local and _looks_like_path(pretrained):
         raise FileNotFoundError(f"{what} {pretrained!r} does not exist")
+    _diffusers_bars_follow_the_hub()
     return pretrained, dict(local_files_only=local)
+
+
+def _diffusers_bars_follow_the_hub() -> None:
+    """diffusers' loading bars ignore HF_HUB_DISABLE_PROGRESS_BARS (transformers and the hub read
+    it); with the bars off (--no-progress, log.progress=false) turn diffusers' off too."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled():
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
 
 
 def load_diffusion_model(family: str, pretrained: str, dtype: torch.dtype = torch.float32,

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ppd_engine.cli.common import UsageError, add_debug, cli_errors
+from ppd_engine.cli.common import UsageError, add_debug, cli_errors, quiet_library_bars
 from ppd_engine.config import ConfigError, config_help, config_to_yaml, flag_hint, load_config, presets, save_config
 from ppd_engine.config.loader import import_modules
 from ppd_engine.training.precision import accelerate_overrides
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
         return 0
     cfg = resolve_config(args)
+    if not cfg.log.progress:
+        quiet_library_bars()
 
     from ppd_engine.training import BadStepsError
     from ppd_engine.training.distributed import init_distributed, shutdown_distributed

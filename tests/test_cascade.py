@@ -271,9 +271,20 @@ def test_sampling_prior_and_decoder_returns_rgb_of_the_requested_size():
         generate(m, ["a cat"], None, [5], steps=2, sampler="dpm")
 
 
-def test_cache_build_cli_builds_the_cascade_cache_training_reuses(tmp_path, capsys):
+def test_cache_build_cli_builds_the_cascade_cache_training_reuses(tmp_path, capsys, monkeypatch):
     """`python -m ppd_engine.cache.build --family cascade` (it offered sd15/sdxl only): the cache it
-    writes is the one the cascade family's training build finds complete (same fingerprint)."""
+    writes is the one the cascade family's training build finds complete (same fingerprint); with
+    --no-progress the libraries' loading bars stay off too."""
+    import importlib
+
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    # --no-progress turns these process-wide switches off; put them back after the test.
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    monkeypatch.setattr(diffusers.utils.logging, "_tqdm_active", True)
+    monkeypatch.setattr(transformers.utils.logging, "_tqdm_active", True)
+    monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "progress_bar_states", {})
     from ppd_engine.cache import build_cache
     from ppd_engine.cache.build import main
     from ppd_engine.cache.store import read_index
@@ -288,7 +299,9 @@ def test_cache_build_cli_builds_the_cascade_cache_training_reuses(tmp_path, caps
               "--resolution", "64", "--workers", "0", "--no-progress", "--device", "cpu"]
     assert main(common) == 2 and "--family cascade needs --effnet" in capsys.readouterr().err
     assert main([*common, "--effnet", p["effnet"]]) == 0
-    assert "images encoded" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "images encoded" in out.out
+    assert "Loading pipeline components" not in out.err and "it/s]" not in out.err, out.err[-500:]
     assert read_index(cache)["meta"]["family"] == "cascade"
     pairs = load_pairs(data, load_images=False, progress=False)
     again = build_cache(_model(64, effnet=True), pairs.records, cache, resolution=64, progress=False,

@@ -96,9 +96,31 @@ def add_data(p, what: str, split: str | None, split_help: str = "the split read"
                         "datasets.load_dataset (default: off)")
 
 
+def quiet_library_bars() -> None:
+    """Turn off the libraries' own progress bars (downloads, weight loading, pipeline components):
+    HF_HUB_DISABLE_PROGRESS_BARS is the one switch huggingface_hub, transformers and datasets read;
+    modules already imported are told directly, and the model loaders bring diffusers in line
+    (models.resolve_source)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.disable_progress_bar()
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None:
+        hub.disable_progress_bars()
+
+
+class _ProgressAction(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        if not getattr(namespace, self.dest):
+            quiet_library_bars()
+
+
 def add_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="show progress bars (default: on)")
+    p.add_argument("--progress", action=_ProgressAction, default=True,
+                   help="show progress bars, the libraries' too (default: on; --no-progress turns them all off)")
 
 
 def add_checkpoint(p: argparse.ArgumentParser) -> None:
