@@ -222,3 +222,16 @@ def test_verify_cli_reads_a_datasets_folder_in_worker_processes(pic, tmp_path, m
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--streaming" in capsys.readouterr().out
+
+
+def test_without_datasets_installed_a_datasets_folder_is_a_one_line_error(pic, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ppd_engine.data.verify import main
+
+    saved = _save(datasets.Dataset(_parquet_table(pic)), tmp_path / "ds", monkeypatch)
+    monkeypatch.setitem(sys.modules, "datasets", None)          # import datasets -> ImportError
+    assert main(["--data", saved, "--memo", str(tmp_path / "m.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "pip install 'ppd_engine[hub]'" in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -212,11 +212,17 @@ def _remote_parquet(url: str, split: str | None, stats: Counter, lenient: bool) 
     return [fs.unstrip_protocol(p) for p in _choose_split(url, found, split, stats, lenient)]
 
 
+class MissingPackageError(ImportError, ValueError):
+    """An optional package the input needs is not installed (a ValueError too, so commands print
+    it as one line)."""
+
+
 def _need_datasets(what: str):
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"{what} needs the optional `datasets` package (pip install 'ppd_engine[hub]')") from e
+        raise MissingPackageError(f"{what} needs the optional `datasets` package "
+                                  f"(pip install 'ppd_engine[hub]')") from e
     return datasets
 
 
