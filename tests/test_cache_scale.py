@@ -142,3 +142,54 @@ def test_two_rank_build_equals_one_rank_key_for_key(tmp_path, sd15_dir, data_dir
 def test_meta_changes_with_the_weights_only(sd15_dir):
     a, b = load_diffusion_model("sd15", sd15_dir), load_diffusion_model("sd15", sd15_dir)
     assert cache_meta(a, 32, True, "fp16") == cache_meta(b, 32, True, "fp16")
+
+
+def _verify_worker(rank, world, port, cache, log_dir):
+    import json
+
+    import torch.distributed as dist
+
+    import ppd_engine.cache.store as store
+    from ppd_engine.integrity import CorruptFileError
+    from ppd_engine.training.distributed import DistEnv, all_gather_str
+
+    hashed = []
+    real = store.sha256_file
+    store.sha256_file = lambda path: hashed.append(os.path.basename(path)) or real(path)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        env = DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+        try:
+            store.verify_cache(cache, rank, world, exchange=lambda t: all_gather_str(t, env, "verify"))
+            error = None
+        except CorruptFileError as e:
+            error = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(log_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"hashed": hashed, "error": error}, f)
+
+
+def test_ranks_split_the_cache_hashing_and_all_refuse_a_corrupt_shard(tmp_path):
+    """Each of 2 ranks hashes half the shards (each used to hash all of them); a shard only rank 1
+    hashes is corrupt, and both ranks refuse the cache naming it."""
+    import hashlib
+    import json
+
+    from ppd_engine.cache.store import FORMAT, write_index
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    names = [f"latents-{i}.safetensors" for i in range(5)] + [f"text-{i}.safetensors" for i in range(3)]
+    for i, n in enumerate(names):
+        (cache / n).write_bytes(os.urandom(1000 + i))
+    write_index(str(cache), {"format": FORMAT, "latent_shards": names[:5], "text_shards": names[5:],
+                             "sha256": {n: hashlib.sha256((cache / n).read_bytes()).hexdigest() for n in names}})
+    flipped = bytearray((cache / names[7]).read_bytes())
+    flipped[500] ^= 1
+    (cache / names[7]).write_bytes(bytes(flipped))        # the last shard rank 1 hashes (every 2nd from 1)
+    mp.spawn(_verify_worker, args=(2, _free_port(), str(cache), str(tmp_path)), nprocs=2, join=True)
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(logs[0]["hashed"] + logs[1]["hashed"]) == sorted(names)
+    assert not set(logs[0]["hashed"]) & set(logs[1]["hashed"])
+    assert all(lg["error"] and names[7] in lg["error"] for lg in logs)

@@ -17,7 +17,7 @@ FAST = ["train.pairs_per_step=4", "train.micro_batch=2", "train.mixed_precision=
 
 
 @pytest.mark.slow  # ~30 s: cache build, one step and a sample grid on a tiny SD1.5
-def test_hub_layout_run_trains_on_train_and_samples_decode_through_the_vae(tmp_path):
+def test_hub_layout_run_trains_on_train_and_samples_decode_through_the_vae(tmp_path, capsys):
     from ppd_engine.train import main
 
     data = tmp_path / "pickapic"
@@ -40,3 +40,16 @@ def test_hub_layout_run_trains_on_train_and_samples_decode_through_the_vae(tmp_p
     grid = Image.open(run / "samples" / "step-1.png")
     n_prompts, n_rows = 2, 1 + 2 + 1       # base, 2 users, zero embedding
     assert grid.mode == "RGB" and grid.size == (n_prompts * 34 + 2, n_rows * 34 + 2)
+    # A shard corrupted on disk after the build: the next run refuses the cache naming the shard
+    # (the world hashes the shards once, split across ranks, before training).
+    import glob
+
+    shard = sorted(glob.glob(str(tmp_path / "cache" / "latents-*.safetensors")))[0]
+    data_bytes = bytearray(open(shard, "rb").read())
+    data_bytes[-10] ^= 0xFF
+    open(shard, "wb").write(bytes(data_bytes))
+    again = main(["world=pickapic", f"data.folder={data}", f"data.embeddings={store}", "model.family=sd15",
+                  f"model.pretrained={tmp_path / 'sd15'}", "model.resolution=32", f"cache.dir={tmp_path / 'cache'}",
+                  f"log.run_dir={tmp_path / 'run2'}", "data.unseen_fraction=0", "data.n_shots=1",
+                  "data.min_pairs_per_user=4", *FAST, "train.max_steps=1"])
+    assert again == 2 and f"{shard}: content does not match the sha256" in capsys.readouterr().err

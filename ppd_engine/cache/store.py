@@ -113,6 +113,35 @@ def shard_keys(path: str) -> list[str]:
         return list(f.keys())
 
 
+def verify_cache(cache_dir: str, rank: int = 0, world_size: int = 1, exchange=None, index: dict | None = None) -> None:
+    """Hash the cache's shards against the sha256 its index records; CorruptFileError names the
+    first mismatch. Several ranks split the work: rank r hashes every world_size-th shard, and
+    `exchange(text) -> [every rank's text]` (training.distributed.all_gather_str) shares what each
+    found, so every rank refuses a corrupt cache while each reads 1/world_size of it. Threads:
+    hashlib releases the GIL, and one core hashes ~1.8 GB/s, below what a local NVMe reads."""
+    index = index if index is not None else read_index(cache_dir)
+    if index is None:
+        raise FileNotFoundError(f"no latent cache in {cache_dir!r} (missing {INDEX})")
+    recorded = index.get("sha256", {})
+    names = list(index["latent_shards"]) + list(index["text_shards"])
+    unhashed = [n for n in names if n not in recorded]
+    if unhashed and rank == 0:
+        log.warning("cache %s: %d shard(s) have no sha256 in %s (built before ppd_engine recorded them; e.g. %s); "
+                    "they are not verified", cache_dir, len(unhashed), INDEX, unhashed[0])
+    mine = [n for n in names if n in recorded][rank::world_size]
+    bad = ""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for name, got in zip(mine, pool.map(lambda n: sha256_file(os.path.join(cache_dir, n)), mine)):
+            if got != recorded[name]:
+                bad = os.path.join(cache_dir, name)
+                break
+    found = exchange(bad) if exchange is not None else [bad]
+    first = next((b for b in found if b), "")
+    if first:
+        raise CorruptFileError(f"{first}: content does not match the sha256 in {INDEX} (corrupted file); "
+                               f"delete {cache_dir} and build the cache again")
+
+
 class CacheReader:
     """Lazy reader: shard headers are read on first use, tensors come out of the memory-mapped files.
 
@@ -167,22 +196,7 @@ class CacheReader:
         self._hashes, self._shard_of = h[order], o[order]
 
     def _check_hashes(self) -> None:
-        """Hash every shard against the index. Threads: hashlib releases the GIL, and one core hashes
-        ~1.8 GB/s, below what a local NVMe reads."""
-        recorded = self.index.get("sha256", {})
-        names = [self.index[kind][i] for kind, i in self._shards]
-        unhashed = [n for n in names if n not in recorded]
-        if unhashed:
-            log.warning("cache %s: %d shard(s) have no sha256 in %s (built before ppd_engine recorded them; e.g. %s); "
-                        "they are not verified", self.cache_dir, len(unhashed), INDEX, unhashed[0])
-        names = [n for n in names if n in recorded]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            digests = pool.map(lambda n: sha256_file(os.path.join(self.cache_dir, n)), names)
-            for name, got in zip(names, digests):
-                if got != recorded[name]:
-                    raise CorruptFileError(f"{os.path.join(self.cache_dir, name)}: content does not match the sha256 "
-                                           f"in {INDEX} (corrupted file); delete {self.cache_dir} and build the "
-                                           f"cache again")
+        verify_cache(self.cache_dir, index=self.index)
 
     def _find(self, hashes: np.ndarray) -> np.ndarray:
         """Shard numbers of `hashes`, -1 where absent."""

@@ -103,7 +103,8 @@ class CacheConfig:
     flip: bool = _f(True, "also cache horizontally flipped latents; a pair is flipped (both images) with p = 1/2")
     dtype: DTypeName = _f("fp16", f"{_DTYPE_CHOICES}: storage dtype of cached latents/text states")
     verify: bool = _f(True, "hash every cache shard against its recorded sha256 before training, refusing a corrupt "
-                            "one (one read of the whole cache per rank, ~1.8 GB/s per core; false skips it)")
+                            "one (the ranks split the shards: each reads 1/world_size of the cache, ~1.8 GB/s "
+                            "per core; false skips it)")
 
 
 @dataclass

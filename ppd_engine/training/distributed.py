@@ -16,6 +16,7 @@ docs/DISTRIBUTED.md has the measurement that picks the default.
 from __future__ import annotations
 
 import contextlib
+import collections
 import datetime
 import os
 import sys
@@ -204,6 +205,23 @@ def key_barrier(env: DistEnv, name: str):
         store.wait(keys, datetime.timedelta(days=7))
 
     return wait
+
+
+_GATHERS: collections.Counter = collections.Counter()
+
+
+def all_gather_str(text: str, env: DistEnv, name: str) -> list[str]:
+    """Every rank's `text`, in rank order, through the c10d store (no collective on the device, so it
+    works before and beside NCCL). Every rank calls it in the same order, like a collective; `name`
+    and a per-name call count keep the exchanges apart."""
+    if not env.distributed:
+        return [text]
+    store = dist.distributed_c10d._get_default_store()
+    _GATHERS[name] += 1
+    keys = [f"ppd_gather/{name}/{_GATHERS[name]}/{r}" for r in range(env.world_size)]
+    store.set(keys[env.rank], text)
+    store.wait(keys, datetime.timedelta(days=7))
+    return [store.get(k).decode("utf-8") for k in keys]
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

@@ -79,7 +79,7 @@ class PickapicWorld(World):
         held = {role: recs for role, recs in held.items() if recs}
         model, dataset = self._cached(cfg, env, pairs, records, also=[r for recs in held.values() for r in recs])
         eval_sets = {role: HeldOutSet(PairCacheDataset(cfg.cache.dir, recs, flip=False, seed=cfg.train.seed,
-                                                       verify=cfg.cache.verify), eval_embeds)
+                                                       verify=False), eval_embeds)   # verified in _cached
                      for role, recs in held.items()}
         return WorldParts(model, dataset, embeddings, personalized=cfg.train.personalized, eval_sets=eval_sets)
 
@@ -98,8 +98,9 @@ class PickapicWorld(World):
         """The model, and the cached dataset of `records` (the cache built for what it lacks of them and
         of the records `also` needs cached: the held-out sets')."""
         from ppd_engine.cache import PairCacheDataset, build_cache
+        from ppd_engine.cache.store import verify_cache
         from ppd_engine.models import build_model
-        from ppd_engine.training.distributed import key_barrier
+        from ppd_engine.training.distributed import all_gather_str, key_barrier
 
         model = build_model(cfg, env.device)
         # Every rank encodes its slice of what the cache lacks, so no rank idles while one rank does
@@ -108,8 +109,11 @@ class PickapicWorld(World):
                     flip=cfg.cache.flip, dtype=cfg.cache.dtype, batch_size=cfg.cache.batch_size, progress=env.is_main,
                     images=pairs.image_reader(), num_workers=cfg.data.workers, rank=env.rank,
                     world_size=env.world_size, barrier=key_barrier(env, "cache"))
-        dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed,
-                                   verify=cfg.cache.verify)
+        if cfg.cache.verify:
+            # Each rank hashes its share of the shards; all refuse a corrupt one (cache/store.py).
+            verify_cache(cfg.cache.dir, env.rank, env.world_size,
+                         exchange=lambda text: all_gather_str(text, env, "cache-verify"))
+        dataset = PairCacheDataset(cfg.cache.dir, records, flip=cfg.cache.flip, seed=cfg.train.seed, verify=False)
         # The cache holds everything the step needs. The VAE stays only to decode sample grids
         # (log.sample_every); text encoders stay for the empty caption.
         if not cfg.log.sample_every:
