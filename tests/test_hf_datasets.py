@@ -235,3 +235,21 @@ def test_without_datasets_installed_a_datasets_folder_is_a_one_line_error(pic, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "pip install 'ppd_engine[hub]'" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_remote_files_fingerprint_follows_its_content(pic, tmp_path, monkeypatch):
+    """The verify memo's fingerprint of hf:// files changes when a file is replaced (for URLs it was
+    the same whatever the files held: os.stat of a URL always failed)."""
+    from ppd_engine.data.verify import files_fingerprint
+
+    repo = tmp_path / "hub" / "datasets" / "someone" / "p" / "data"
+    repo.mkdir(parents=True)
+    src = sorted(glob.glob(os.path.join(pic, "data", "*.parquet")))[0]
+    (repo / "train-00000-of-00001.parquet").write_bytes(open(src, "rb").read())
+    _LocalHub(tmp_path / "hub", monkeypatch)
+    url = ["hf://datasets/someone/p/data/train-00000-of-00001.parquet"]
+    before = files_fingerprint(url)
+    assert files_fingerprint(url) == before
+    pq.write_table(pq.read_table(src).slice(0, 3), repo / "train-00000-of-00001.parquet")
+    assert files_fingerprint(url) != before
+    assert files_fingerprint(["hf://datasets/someone/p/data/gone.parquet"]) != before

@@ -125,6 +125,26 @@ class ArrowSource:
         return self.table.slice(start, end - start).select(columns)
 
 
+def file_identity(name: str) -> str:
+    """What changes when the file `name` is replaced or edited: size and mtime of a local file; size
+    and the store's version tag (hub blob id, ETag, mtime) of a URL; "missing" when it is gone."""
+    if not is_url(name):
+        if not os.path.exists(name):
+            return "missing"
+        st = os.stat(name)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(name)
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return "missing"
+    tag = next((info[k] for k in ("blob_id", "ETag", "etag", "mtime", "LastModified", "last_modified")
+                if info.get(k) is not None), "")
+    return f"{info.get('size', -1)}:{tag}"
+
+
 def open_source(name: str):
     """The source of one file name that `resolve` returned."""
     return ArrowSource(name) if name.endswith(".arrow") else ParquetSource(name)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ppd_engine.cli.common import DefaultsFormatter, UsageError, add_data, add_debug, add_progress, cli_errors
 from ppd_engine.data.pickapic import PickAPicPairs, _decode, format_stats, load_pairs
+from ppd_engine.data.sources import file_identity
 from ppd_engine.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,11 @@ MEMO_FORMAT = "ppd-verified/1"
 
 
 def files_fingerprint(paths: list[str]) -> str:
-    """sha256 over (name, size, mtime) of each file: changes whenever a file is replaced or edited."""
+    """sha256 over (name, size, version) of each file, local or at a URL (sources.file_identity):
+    changes whenever a file is replaced or edited."""
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p) if os.path.exists(p) else None
-        h.update(f"{os.path.basename(p)}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+        h.update(f"{os.path.basename(p)}:{file_identity(p)};".encode())
     return h.hexdigest()
 
 
