@@ -55,29 +55,41 @@ def _wandb_records(run_dir):
     return _wandb_records_in(segment)
 
 
-def _wandb_records_in(segment):
+def _wandb_records_in(segment, wait_s: float = 30.0):
+    """(history rows, config) of one offline segment. wandb's service process writes the file on
+    its own schedule, so it is read again until its exit record is there; fragments are checked
+    against their CRC-32 (over type + data), and a torn one ends the read."""
+    import time
+    import zlib
+
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = glob.glob(str(Path(segment) / "run-*.wandb"))
-    buf = open(path, "rb").read()
-    assert buf[:4] == b":W&B"
-    pos, cur, records = 7, b"", []
-    while pos + 7 <= len(buf):
-        if 32768 - pos % 32768 < 7:  # block trailer too short for a record header
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", buf[pos:pos + 7])
-        if kind == 0:
+    deadline = time.monotonic() + wait_s
+    while True:
+        buf = open(path, "rb").read()
+        assert buf[:4] == b":W&B"
+        pos, cur, parsed = 7, b"", []
+        while pos + 7 <= len(buf):
+            if 32768 - pos % 32768 < 7:  # block trailer too short for a record header
+                pos += 32768 - pos % 32768
+                continue
+            crc, length, kind = struct.unpack("<IHB", buf[pos:pos + 7])
+            data = buf[pos + 7:pos + 7 + length]
+            if kind == 0 or len(data) < length or zlib.crc32(bytes([kind]) + data) != crc:
+                break                        # padding at the end, or a record still being written
+            cur += data
+            pos += 7 + length
+            if kind in (1, 4):  # FULL or LAST fragment
+                r = pb.Record()
+                r.ParseFromString(cur)
+                parsed.append(r)
+                cur = b""
+        if any(r.WhichOneof("record_type") == "exit" for r in parsed) or time.monotonic() > deadline:
             break
-        cur += buf[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment
-            records.append(cur)
-            cur = b""
+        time.sleep(0.2)
     history, config = [], {}
-    for data in records:
-        r = pb.Record()
-        r.ParseFromString(data)
+    for r in parsed:
         if r.WhichOneof("record_type") == "history":
             history.append({i.key or "/".join(i.nested_key): i.value_json for i in r.history.item})
         elif r.WhichOneof("record_type") == "config":
