@@ -253,3 +253,12 @@ def test_a_remote_files_fingerprint_follows_its_content(pic, tmp_path, monkeypat
     pq.write_table(pq.read_table(src).slice(0, 3), repo / "train-00000-of-00001.parquet")
     assert files_fingerprint(url) != before
     assert files_fingerprint(["hf://datasets/someone/p/data/gone.parquet"]) != before
+
+
+def test_streaming_a_local_folder_says_it_does_not_apply(pic, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ppd_engine.data.sources"):
+        pairs = load_pairs(pic, streaming=True, decode_images=False, progress=False)
+    assert len(pairs.records) == 15
+    assert any("applies to hub ids" in r.getMessage() and pic in r.getMessage() for r in caplog.records)

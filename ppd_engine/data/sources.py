@@ -292,6 +292,9 @@ def resolve(folder: str, split: str | None, stats: Counter, *, streaming: bool =
     folder = str(folder)
     if is_url(folder):
         return _remote_parquet(folder, split, stats, lenient)
+    if streaming and os.path.exists(folder):
+        log.warning("data.streaming / --streaming applies to hub ids; %s is a local path and is read from disk "
+                    "as always", folder)
     if os.path.isfile(folder):
         if folder.endswith(".parquet"):
             return [folder]
