@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -182,6 +183,24 @@ class CascadeModel(DiffusionModel):
     @property
     def latent_side(self) -> int:
         return int(self.resolution) // EFFNET_DOWNSCALE
+
+    def stage_c_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """Stage C latent (h, w) for an image of about height x width pixels (None = model.resolution's
+        latents): ceil(pixels / (Stage B's latent_dim_scale x the Paella VQ's upscale)), the rule of
+        diffusers' StableCascadePriorPipeline (resolution_multiple 42.67 for the published stages:
+        1024 px -> 24 latents -> 1024 px). The image is then Stage B's int(latents x latent_dim_scale) x VQ."""
+        if height is None and width is None:
+            return self.latent_side, self.latent_side
+        pipe = self.decoder_pipeline()
+        vq = pipe.vqgan.config
+        per_latent = float(pipe.config.latent_dim_scale) * vq.up_down_scale_factor * 2 ** (vq.levels - 1)
+        sizes = []
+        for name, v in (("height", height), ("width", width)):
+            v = int(self.resolution * per_latent / EFFNET_DOWNSCALE) if v is None else v
+            if v < 1:
+                raise ValueError(f"{name}={v} must be a positive number of pixels")
+            sizes.append(max(1, math.ceil(v / per_latent)))
+        return sizes[0], sizes[1]
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

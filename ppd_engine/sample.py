@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for <i>.png, contact_sheet.png, sample.json")
     p.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="caption of the unconditional branch of text guidance (default: empty, as trained)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the run's resolution)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the run's resolution)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels (default: the run's resolution; cascade runs: rounded up to whole "
+                        "Stage C latents, 1024 px = 24 latents)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
     p.add_argument("--guidance", type=float, default=None,
                    help="text classifier-free guidance scale (default: what the run used: toy.guidance for toy "
                         "runs, else log.sample_guidance)")

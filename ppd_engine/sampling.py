@@ -115,7 +115,8 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
         sampler: "ddim" (eta 0), "dpm" (DPM-Solver++ 2M) or a diffusers scheduler class name
             (`make_scheduler`). negative_prompt: the caption of the unconditional branch ("" = the
             empty caption that caption dropout trains). height, width: image size in pixels (None =
-            the model's resolution). batch_size: samples per UNet call (0 = all N at once).
+            the model's resolution; cascade: rounded up to whole Stage C latents, see
+            CascadeModel.stage_c_size). batch_size: samples per UNet call (0 = all N at once).
             progress: show a tqdm bar over the batches.
     Returns:
         (N, 3, H, W) float32 images in [0, 1], on the CPU.
@@ -136,10 +137,9 @@ def generate(model, prompts: list[str], user_embeds: torch.Tensor | None, seeds:
         raise ValueError("user_guidance needs user_embeds")
     scheduler_class(sampler)  # a bad name fails before any work
     if getattr(model, "family", None) == "cascade":
-        # Stage C samples at its training latent size; Stage B's output size follows from it.
-        if height or width:
-            raise ValueError("height/width: the cascade family samples at model.resolution; set that instead")
-        shape = None
+        # Stage C latents for the size asked (default: its training latent size); Stage B's output
+        # size follows from them.
+        shape = (int(model.unet.config.in_channels), *model.stage_c_size(height, width))
     else:
         shape = _latent_shape(model, height, width)
     bs = batch_size if batch_size > 0 else n
@@ -198,7 +198,7 @@ def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_gu
                     negative_prompt, shape, height, width):
     if getattr(model, "family", None) == "cascade":
         return _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance,
-                                       user_scale, sampler, negative_prompt)
+                                       user_scale, sampler, negative_prompt, shape)
     unet = model.unet
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
@@ -235,7 +235,7 @@ def _generate_batch(model, prompts, user_embeds, seeds, steps, guidance, user_gu
 
 
 def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance, user_guidance, user_scale,
-                            sampler, negative_prompt=""):
+                            sampler, negative_prompt, shape):
     """Stable Cascade: the Stage C prior under the user branch with deterministic DDIM on the
     scheduler's cosine abar over t = 1 -> 0 (the prior pipeline's linspace), then Stage B + VQ
     (model.decode_latents). The prior pipeline's own sampler is stochastic DDPM; DDIM keeps
@@ -248,8 +248,7 @@ def _generate_cascade_batch(model, prompts, user_embeds, seeds, steps, guidance,
     p = next(unet.parameters())
     device, dtype = p.device, p.dtype
     n = len(prompts)
-    side = model.latent_side
-    latents = initial_noise(seeds, int(unet.config.in_channels), side, side).to(device=device)
+    latents = initial_noise(seeds, *shape).to(device=device)
     k, text, pooled, user = _branches(model, prompts, user_embeds, guidance, user_guidance, negative_prompt)
     text = text.to(device=device, dtype=dtype)
     extra = model.denoiser_kwargs(pooled.to(device=device, dtype=dtype), None)

@@ -314,3 +314,20 @@ def test_cache_build_cli_builds_the_cascade_cache_training_reuses(tmp_path, caps
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "(changed: flip)" in last and "Traceback" not in err
+
+
+def test_cascade_samples_the_height_and_width_asked():
+    """--height/--width reach Stage C: latents of ceil(pixels / (latent_dim_scale x VQ upscale)) each
+    way (the tiny decoder: 2 x 4 = 8 px per latent), non-square too (it refused any size but
+    model.resolution's)."""
+    from ppd_engine.sampling import generate
+
+    m = _model()
+    assert m.stage_c_size(None, None) == (m.latent_side, m.latent_side)
+    assert m.stage_c_size(16, 24) == (2, 3) and m.stage_c_size(17, 24) == (3, 3)
+    wide = generate(m, ["a cat", "a dog"], None, [5, 6], steps=2, guidance=4.0, height=16, width=24)
+    assert wide.shape == (2, 3, 16, 24) and torch.isfinite(wide).all()
+    tall = generate(m, ["a cat"], None, [5], steps=2, guidance=4.0, height=32)
+    assert tall.shape == (1, 3, 32, TINY_CASCADE_SAMPLE_SIZE)
+    with pytest.raises(ValueError, match="width=0"):
+        m.stage_c_size(16, 0)
