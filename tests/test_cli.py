@@ -158,9 +158,11 @@ def test_command_log_lines_never_land_inside_a_progress_bar_line():
 
 def test_every_command_sets_up_tqdm_logging(tmp_path):
     code = ("import logging; from ppd_engine.cli.common import cli_errors, TqdmLoggingHandler\n"
-            "main = cli_errors(lambda argv: logging.getLogger('ppd_engine.x').info('hello') or 0)\n"
+            "main = cli_errors(lambda argv: logging.getLogger('ppd_engine.x').info('hello')\n"
+            "                  or logging.getLogger('httpx').info('HTTP Request: GET') or 0)\n"
             "assert main([]) == 0\n"
             "assert [type(h) for h in logging.getLogger().handlers] == [TqdmLoggingHandler]\n")
     out = _run([sys.executable, "-c", code], ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stderr.rstrip().endswith("INFO ppd_engine.x: hello")
+    assert out.stderr.rstrip().endswith("INFO ppd_engine.x: hello")   # and no line per HTTP request
+    assert "HTTP Request" not in out.stderr

@@ -194,6 +194,7 @@ class TqdmLoggingHandler(logging.StreamHandler):
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "fsspec", "filelock")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -206,6 +207,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level)
+    # HTTP clients log every request at INFO (a streamed dataset makes thousands of range requests).
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def cli_errors(main):
