@@ -70,7 +70,9 @@ class ParquetSource:
                 import fsspec
 
                 self._handle = fsspec.open(name, "rb").open()
-                self.file = pq.ParquetFile(self._handle)
+                # pre_buffer: pyarrow coalesces a row group's column-chunk reads into few large
+                # range requests, its setting for high-latency stores.
+                self.file = pq.ParquetFile(self._handle, pre_buffer=True)
             else:
                 self.file = pq.ParquetFile(name)
         except Exception as e:  # noqa: BLE001 - pyarrow/fsspec raise ArrowInvalid/OSError/...; name the file either way
