@@ -161,6 +161,12 @@ def test_a_hub_id_is_loaded_with_datasets_load_dataset(pic, tmp_path, monkeypatc
     assert _view(got) == _view(load_pairs(pic, decode_images=False, progress=False))
     with pytest.raises(FileNotFoundError, match="nor is it a hub id"):
         load_pairs(str(tmp_path / "no" / "such" / "folder"), progress=False)
+    # A relative owner/name whose "owner" is a folder here is a mistyped path, never a hub lookup.
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'data/pickapic_v2' does not exist"):
+        load_pairs("data/pickapic_v2", progress=False)
+    assert calls == [("someone/pickapic_v2", "train")]
 
 
 class _LocalHub:

@@ -305,6 +305,7 @@ def resolve(folder: str, split: str | None, stats: Counter, *, streaming: bool =
         if os.path.isfile(os.path.join(folder, "dataset_dict.json")) or os.path.isfile(os.path.join(folder, "state.json")):
             return _saved_dataset(folder, split, stats)
         return _local_parquet(folder, split, stats, lenient)
-    if folder.startswith(("/", ".", "~")) or folder.count("/") != 1:
+    # owner/name is a hub id, unless "owner" is a folder here (a mistyped local path, not a download).
+    if folder.startswith(("/", ".", "~")) or folder.count("/") != 1 or os.path.isdir(folder.split("/")[0]):
         raise FileNotFoundError(f"data folder {folder!r} does not exist (nor is it a hub id owner/name or a URL)")
     return _hub_dataset(folder, split, streaming, stats, lenient)
