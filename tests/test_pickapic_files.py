@@ -236,3 +236,30 @@ def test_the_index_holds_each_caption_and_user_once(tmp_path):
     assert len(pairs.records) == n and held / n < 480, held / n
     a, b = pairs.records[0], pairs.records[40]
     assert a.caption == b.caption and a.caption is b.caption and a.user_id is b.user_id
+
+
+def test_staging_images_copies_them_to_a_local_file_a_batch_at_a_time(tmp_path):
+    """stage_images: one pass over 64 MB of JPEGs into a local arrow file, holding one batch of
+    bytes at a time (< 16 MB of Python memory at its peak), and the staged pairs read back the same
+    bytes, in the records' order, winner first."""
+    import random
+    import tracemalloc
+
+    written = write_bulk_fixture(str(tmp_path / "bulk"), total_image_bytes=64 << 20)
+    pairs = load_pairs(str(tmp_path / "bulk"), load_images=False, progress=False)
+    records = list(pairs.records)
+    random.Random(0).shuffle(records)                 # scattered, as embed's shots are
+    tracemalloc.start()
+    try:
+        staged = pairs.stage_images(records, str(tmp_path / "stage" / "shots.arrow"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert written >= 60 << 20 and peak < 16 << 20, peak
+    assert [r.pair_id for r in staged.records] == [r.pair_id for r in records]
+    sample = records[:5] + records[-5:]
+    want = pairs.with_images(sample)
+    got = staged.with_images(staged.records[:5] + staged.records[-5:])
+    assert [(g.image_w, g.image_l) for g in got] == [(w.image_w, w.image_l) for w in want]
+    with pytest.raises(ValueError, match="must end in .arrow"):
+        pairs.stage_images(records[:2], str(tmp_path / "shots.bin"))

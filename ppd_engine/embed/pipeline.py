@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -80,7 +80,7 @@ def plan(by_user: dict[str, list[Any]], shots: dict[str, list[Any]], n_shots: in
 def embed_users(items: list[WorkItem], generator: VLMGenerator, template: ProfileTemplate,
                 store: EmbeddingStore, *, batch_users: int, seed: int, model_id: str,
                 save_every: int = 8, progress: bool = True, require_profile: bool = False,
-                retries: int = 2) -> dict:
+                retries: int = 2, images: Callable[[list[WorkItem]], list[WorkItem]] | None = None) -> dict:
     """Generate profiles and embeddings for `items` in batches of `batch_users` rows and append
     them to `store` every `save_every` batches and at the end (each save writes one new shard; a
     crash loses at most the unsaved batches, which a rerun redoes). Items whose images cannot be
@@ -91,6 +91,8 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
     wandered off) has no profile for its final token to summarise: it is generated again with
     another seed up to `retries` times, then recorded as failed (counted in chunks_no_profile,
     logged, not stored). Without it such chunks are stored and counted in without_profile.
+    `images(batch) -> batch` fills the shots' image bytes of one batch just before it is rendered
+    (None: the items carry them), so only a batch's images are in memory.
     Returns counts and throughput."""
     from tqdm.auto import tqdm
 
@@ -103,6 +105,8 @@ def embed_users(items: list[WorkItem], generator: VLMGenerator, template: Profil
     bar = tqdm(total=len(items), desc="embed", unit="chunk", disable=not progress)
     for start in range(0, len(items), batch_users):
         batch = items[start:start + batch_users]
+        if images is not None:
+            batch = images(batch)
         prompts, ok = [], []
         for it in batch:
             try:

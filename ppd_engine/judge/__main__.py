@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 
 from ppd_engine.cli.common import (
     DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_judge, add_progress, cli_errors, make_judge_backend,
@@ -46,21 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Users whose pairs' image bytes are read at once: memory holds one chunk's images (row groups read
-# in file order within it), never the split's.
-CHUNK_USERS = 32
-
-
 def _filled_by_user(pairs, records_of: dict[str, list]):
     """(user, {id(record): the record with its image bytes}) for each user of `records_of`, in
-    order, reading the bytes CHUNK_USERS users at a time."""
-    users = list(records_of)
-    for i in range(0, len(users), CHUNK_USERS):
-        part = users[i:i + CHUNK_USERS]
-        recs = [r for u in part for r in records_of[u]]
-        filled = {id(r): f for r, f in zip(recs, pairs.with_images(recs))}
-        for u in part:
-            yield u, filled
+    order. The bytes of all of them are first staged in one pass over the data into a local file
+    (PickAPicPairs.stage_images), so memory holds one user's images, and no row group is read twice."""
+    recs = [r for u in records_of for r in records_of[u]]
+    with tempfile.TemporaryDirectory(prefix="ppd-judge-") as tmp:
+        staged = pairs.stage_images(recs, os.path.join(tmp, "pairs.arrow"))
+        at = {id(r): s for r, s in zip(recs, staged.records)}
+        for user, rs in records_of.items():
+            yield user, {id(r): f for r, f in zip(rs, staged.with_images([at[id(r)] for r in rs]))}
 
 
 def run_agreement(judge, pairs, args) -> dict:
@@ -165,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .core import Judge
 
     args = build_parser().parse_args(argv)
-    # The index only: the bytes of the pairs judged (and their users' shots) are read per chunk of users.
+    # The index only: the bytes of the pairs judged and their users' shots are staged when needed.
     pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
                        load_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
     backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")
