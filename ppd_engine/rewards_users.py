@@ -228,40 +228,52 @@ def relabel(records: Sequence, scores: Mapping[str, Mapping[str, np.ndarray]], u
     return out, counts
 
 
+_RELABELLED_SCHEMA = (("caption", "string"), ("label_0", "float64"), ("label_1", "float64"), ("user_id", "string"),
+                      ("are_different", "bool_"), ("has_label", "bool_"), ("image_0_uid", "string"),
+                      ("image_1_uid", "string"), ("ranking_id", "string"), ("best_image_uid", "string"),
+                      ("jpg_0", "binary"), ("jpg_1", "binary"))
+
+
 def write_relabelled(labelled: Sequence[tuple[object, str, bool]], out_dir: str | os.PathLike,
-                     images: Callable[[list], Iterator] = record_images, rows_per_file: int = 4096) -> list[str]:
+                     images: Callable[[list], Iterator] = record_images, rows_per_file: int = 4096,
+                     rows_per_group: int = 256) -> list[str]:
     """A Pick-a-Pic-schema parquet folder: jpg_0 = the original winner, jpg_1 = the original loser,
-    labels by the synthetic user (user_id = the user's name). `images` as in `score_pairs`; files
-    are written as they fill, so at most `rows_per_file` pairs' bytes are held."""
+    labels by the synthetic user (user_id = the user's name). `images` as in `score_pairs`; each file
+    is written `rows_per_group` pairs at a time (one parquet row group each), so at most that many
+    pairs' bytes are held whatever the data's size."""
+    import itertools
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from ppd_engine.files import atomic_path
 
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _RELABELLED_SCHEMA])
     data = Path(out_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
     label = {r.pair_id: (u, fl) for r, u, fl in labelled}
     n_files = max(1, -(-len(labelled) // rows_per_file))
+    stream = iter(images([r for r, _, _ in labelled]))
     files = []
-    for f, rows in enumerate(_chunks(images([r for r, _, _ in labelled]), rows_per_file)):
-        users = [label[r.pair_id] for r, _, _ in rows]
-        cols = {
-            "caption": [r.caption for r, _, _ in rows],
-            "label_0": [0.0 if fl else 1.0 for _, fl in users],
-            "label_1": [1.0 if fl else 0.0 for _, fl in users],
-            "user_id": [u for u, _ in users],
-            "are_different": [True] * len(rows),
-            "has_label": [True] * len(rows),
-            "image_0_uid": [r.uid_w for r, _, _ in rows],
-            "image_1_uid": [r.uid_l for r, _, _ in rows],
-            "ranking_id": [str(r.ranking_id) for r, _, _ in rows],
-            "best_image_uid": [r.uid_l if fl else r.uid_w for (r, _, _), (_, fl) in zip(rows, users)],
-            "jpg_0": [bytes(jw) for _, jw, _ in rows],
-            "jpg_1": [bytes(jl) for _, _, jl in rows],
-        }
+    for f in range(n_files):
         path = data / f"train-{f:05d}-of-{n_files:05d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(pa.table(cols), tmp)
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for rows in _chunks(itertools.islice(stream, rows_per_file), rows_per_group):
+                users = [label[r.pair_id] for r, _, _ in rows]
+                writer.write_table(pa.table({
+                    "caption": [r.caption for r, _, _ in rows],
+                    "label_0": [0.0 if fl else 1.0 for _, fl in users],
+                    "label_1": [1.0 if fl else 0.0 for _, fl in users],
+                    "user_id": [u for u, _ in users],
+                    "are_different": [True] * len(rows),
+                    "has_label": [True] * len(rows),
+                    "image_0_uid": [r.uid_w for r, _, _ in rows],
+                    "image_1_uid": [r.uid_l for r, _, _ in rows],
+                    "ranking_id": [str(r.ranking_id) for r, _, _ in rows],
+                    "best_image_uid": [r.uid_l if fl else r.uid_w for (r, _, _), (_, fl) in zip(rows, users)],
+                    "jpg_0": [None if jw is None else bytes(jw) for _, jw, _ in rows],
+                    "jpg_1": [None if jl is None else bytes(jl) for _, _, jl in rows],
+                }, schema=schema))
         files.append(str(path))
     return files
 
@@ -356,11 +368,12 @@ def _score_cmd(args) -> int:
     names = reward_names(args)
     if not names:
         raise ValueError("--rewards: name at least one reward model")
-    pairs = load_pairs(args.data, min_pairs_per_user=1, max_users=args.max_users or None, decode_images=False,
+    # The index only: the JPEGs are read row group by row group as each chunk is scored.
+    pairs = load_pairs(args.data, min_pairs_per_user=1, max_users=args.max_users or None, load_images=False,
                        split=args.split, streaming=args.streaming, progress=args.progress and rank == 0)
     rewards = {n: load_named_reward(args, n) for n in names}
     stats = score_pairs(pairs.records, rewards, args.scores, chunk=args.chunk, rank=rank, world_size=world,
-                        progress=args.progress)
+                        progress=args.progress, images=pairs.image_reader().iter_pairs)
     print(f"rank {rank}/{world}: scored {stats['scored']} pairs, {stats['skipped']} already scored, "
           f"{stats['bad_images']} with undecodable images -> {args.scores}")
     return 0
@@ -374,10 +387,12 @@ def _relabel_cmd(args) -> int:
     scores = read_scores(args.scores)
     rewards = sorted({r for w in weights.values() for r in w})
     users = SyntheticUsers(weights, standardisation(scores, rewards))
-    pairs = load_pairs(args.data, min_pairs_per_user=1, decode_images=False, split=args.split,
+    # The index only: the JPEGs are copied into the new folder row group by row group. Pairs whose
+    # images did not decode were never scored, so relabel drops them (unscored).
+    pairs = load_pairs(args.data, min_pairs_per_user=1, load_images=False, split=args.split,
                        streaming=args.streaming, progress=args.progress)
     labelled, counts = relabel(pairs.records, scores, users, seed=args.seed)
-    files = write_relabelled(labelled, args.out)
+    files = write_relabelled(labelled, args.out, images=pairs.image_reader().iter_pairs)
     write_json_atomic(Path(args.out) / USERS_FILE, {**users.to_json(), "seed": args.seed, "counts": counts,
                                                    "source": {"data": args.data, "scores": args.scores}}, indent=1)
     if args.weight_store:
