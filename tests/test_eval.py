@@ -558,3 +558,16 @@ def test_eval_end_to_end_on_tiny_checkpoints(tmp_path):
     means = {r["name"]: r["mean_reward"] for r in sw["runs"]}
     assert {r["beta"] for r in sw["runs"]} == {1000.0, 2000.0}
     assert sw["best"] == max(means, key=means.get) and len(set(means.values())) == 2
+
+
+def test_pickapic_captions_from_a_datasets_folder(tmp_path):
+    """--pickapic-dir also takes a `datasets` DatasetDict folder (or a hub id / URL): its
+    validation_unique split's captions, not the other splits'."""
+    datasets = pytest.importorskip("datasets")
+    dd = datasets.DatasetDict({"validation_unique": datasets.Dataset.from_dict({"caption": ["a cat", "", "a dog", "a cat"]}),
+                               "train": datasets.Dataset.from_dict({"caption": ["train only"]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    ps = load_pickapic_captions(tmp_path / "dd")
+    assert ps.texts == ["a cat", "a dog"] and ps.skipped == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pickapic_captions(tmp_path / "missing" / "folder")

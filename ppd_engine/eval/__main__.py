@@ -52,8 +52,9 @@ def _generation_args(p: argparse.ArgumentParser, checkpoints: bool = True) -> No
                    help="'parti' (PartiPrompts, 1632, shipped), 'pickapic' (validation_unique captions, "
                         "needs --pickapic-dir), or a .tsv (Prompt column) / .txt (one per line) file")
     g.add_argument("--pickapic-dir", default=None,
-                   help="folder of Pick-a-Pic parquet files; files under a 'validation_unique' path "
-                        "are used when present")
+                   help="Pick-a-Pic's captions: a folder of parquet files (files under a 'validation_unique' "
+                        "path are used when present), or a `datasets` folder, hub id or URL (its "
+                        "validation_unique split)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of prompt i is SEED + i, for every checkpoint and user (default 0)")

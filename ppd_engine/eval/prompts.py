@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +86,55 @@ def _parquet_files(folder: Path) -> list[Path]:
     return unique or files
 
 
+def _is_datasets_folder(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _caption_batches(folder: str, stats) -> Iterator[tuple[str, object]]:
+    """(file name, caption column or the error reading it) for each file the captions come from."""
+    from ppd_engine.data.sources import open_source, resolve
+
+    path = Path(folder)
+    if path.is_dir() and not _is_datasets_folder(path):
+        import pyarrow.parquet as pq
+
+        files = _parquet_files(path)
+        if not files:
+            raise FileNotFoundError(f"no .parquet files under {folder}")
+        for f in files:
+            try:
+                schema = pq.read_schema(f)
+                if "caption" not in schema.names:
+                    raise ValueError(f"no 'caption' column (columns: {schema.names})")
+                yield str(f), pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+            except Exception as e:  # noqa: BLE001 - a broken shard must not sink the whole evaluation
+                yield str(f), e
+        return
+    # A `datasets` folder, a hub id or a URL: its validation_unique split (data/sources.py).
+    for name in resolve(folder, "validation_unique", stats, lenient=True):
+        try:
+            src = open_source(name)
+            if "caption" not in src.columns:
+                raise ValueError(f"no 'caption' column (columns: {sorted(src.columns)})")
+            yield name, [c for b in src.iter_batches(4096, ["caption"]) for c in b.column(0).to_pylist()]
+        except Exception as e:  # noqa: BLE001 - as above
+            yield name, e
+
+
 def load_pickapic_captions(folder: str | os.PathLike, limit: int | None = None) -> PromptSet:
-    """Unique captions (first occurrence order) of the Pick-a-Pic parquet files under `folder`.
-
-    Point it at the `validation_unique` split (500 captions); when the folder holds several splits,
-    only files whose path contains `validation_unique` are read. Unreadable files and empty
-    captions are skipped and counted.
+    """Unique captions (first occurrence order) of Pick-a-Pic's `validation_unique` split (500
+    captions): a folder of parquet files (when it holds several splits, only files whose path
+    contains `validation_unique` are read), or a `datasets` folder, hub id or URL (its
+    validation_unique split). Unreadable files and empty captions are skipped and counted.
     """
-    import pyarrow.parquet as pq
+    from collections import Counter
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Pick-a-Pic folder not found: {folder}")
-    files = _parquet_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no .parquet files under {folder}")
     seen: set[str] = set()
     prompts: list[EvalPrompt] = []
     skipped = 0
-    for path in files:
-        try:
-            schema = pq.read_schema(path)
-            if "caption" not in schema.names:
-                raise ValueError(f"no 'caption' column (columns: {schema.names})")
-            captions = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
-        except Exception as e:  # a broken shard must not sink the whole evaluation
-            log.warning("skipping %s: %s", path, e)
+    for name, captions in _caption_batches(str(folder), Counter()):
+        if isinstance(captions, Exception):
+            log.warning("skipping %s: %s", name, captions)
             skipped += 1
             continue
         for cap in captions:
