@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ppd_engine.cli.common import cli_errors
+from ppd_engine.cli.common import cli_errors, data_columns
 
 log = logging.getLogger("ppd_engine.rewards_users")
 
@@ -370,7 +370,8 @@ def _score_cmd(args) -> int:
         raise ValueError("--rewards: name at least one reward model")
     # The index only: the JPEGs are read row group by row group as each chunk is scored.
     pairs = load_pairs(args.data, min_pairs_per_user=1, max_users=args.max_users or None, load_images=False,
-                       split=args.split, streaming=args.streaming, progress=args.progress and rank == 0)
+                       split=args.split, streaming=args.streaming,
+                       columns=data_columns(args), progress=args.progress and rank == 0)
     rewards = {n: load_named_reward(args, n) for n in names}
     stats = score_pairs(pairs.records, rewards, args.scores, chunk=args.chunk, rank=rank, world_size=world,
                         progress=args.progress, images=pairs.image_reader().iter_pairs)
@@ -390,7 +391,7 @@ def _relabel_cmd(args) -> int:
     # The index only: the JPEGs are copied into the new folder row group by row group. Pairs whose
     # images did not decode were never scored, so relabel drops them (unscored).
     pairs = load_pairs(args.data, min_pairs_per_user=1, load_images=False, split=args.split,
-                       streaming=args.streaming, progress=args.progress)
+                       streaming=args.streaming, columns=data_columns(args), progress=args.progress)
     labelled, counts = relabel(pairs.records, scores, users, seed=args.seed)
     files = write_relabelled(labelled, args.out, images=pairs.image_reader().iter_pairs)
     write_json_atomic(Path(args.out) / USERS_FILE, {**users.to_json(), "seed": args.seed, "counts": counts,

@@ -234,3 +234,27 @@ def test_resume_plans_the_chunks_the_store_lacks_by_number(tmp_path):
     items, stats = plan({"u": recs, "v": recs}, {"u": recs[:4], "v": recs[:4]}, 4, 4, 0, store)
     assert [(it.user_id, it.chunk) for it in items] == [("u", 1), ("u", 3), ("v", 1), ("v", 2), ("v", 3)]
     assert stats == {"users_already_done": 0, "users_resumed": 2}
+
+
+def test_embed_reads_a_users_own_columns(tiny, tmp_path):
+    """--columns (every --data command's): a user's own dataset with user ids embeds the same users
+    with the same number of chunks as the Pick-a-Pic data it was written from (it could read only
+    Pick-a-Pic's schema, so a personalized run on one's own data had no way to get embeddings)."""
+    from ppd_engine.embed.__main__ import main
+    from ppd_engine.embed.store import EmbeddingStore
+    from ppd_engine.testing.pickapic_fixture import write_columns_twin, write_pickapic_fixture
+
+    folder, _, _ = tiny
+    write_pickapic_fixture(str(tmp_path / "pic"), extra_users=1, pairs_per_extra_user=8)
+    mapping = write_columns_twin(str(tmp_path / "pic"), str(tmp_path / "own"))
+    common = ["--model", folder, "--max-new-tokens", "2", "--greedy", "--chunks", "2", "--batch-users", "4",
+              "--device", "cpu", "--no-progress", "--keep-without-profile"]
+    main(["--data", str(tmp_path / "pic"), "--out", str(tmp_path / "a"), *common])
+    main(["--data", str(tmp_path / "own"), "--columns", ",".join(f"{k}={v}" for k, v in mapping.items()),
+          "--out", str(tmp_path / "b"), *common])
+    a, b = EmbeddingStore(str(tmp_path / "a")), EmbeddingStore(str(tmp_path / "b"))
+    assert b.users() == a.users() and len(a.users()) >= 3
+    assert {u: b.count(u) for u in b.users()} == {u: a.count(u) for u in a.users()}
+    assert all(s["uid_w"].endswith(".jpg") for u in b.users() for c in b.meta(u) for s in c["shots"])
+    assert main(["--data", str(tmp_path / "own"), "--columns", "prompt=text,image_0", "--out", str(tmp_path / "c"),
+                 *common]) == 2

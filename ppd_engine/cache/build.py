@@ -398,8 +398,8 @@ def _prepare(cache_dir: str, meta: dict, fp: str, on_mismatch: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`python -m ppd_engine.cache.build`: build the cache for a Pick-a-Pic folder ahead of training
     (under torchrun every rank encodes its own slice; see build_cache)."""
-    from ppd_engine.cli.common import (DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype, add_progress,
-                                       resolve_device)
+    from ppd_engine.cli.common import (DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype,
+                                       add_progress, data_columns, resolve_device)
     from ppd_engine.data.pickapic import format_stats, load_pairs
     from ppd_engine.models import load_diffusion_model
     from ppd_engine.training.distributed import init_distributed, key_barrier
@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                          "EfficientNet features")
     # The index only: each rank reads the bytes of its own slice, row group by row group.
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, max_users=args.max_users,
-                       split=args.split, streaming=args.streaming, load_images=False, progress=args.progress)
+                       split=args.split, streaming=args.streaming,
+                       columns=data_columns(args), load_images=False, progress=args.progress)
     env = init_distributed(resolve_device(args.device), "auto")
     if env.is_main:
         print(format_stats(pairs.stats))

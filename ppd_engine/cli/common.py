@@ -94,6 +94,29 @@ def add_data(p, what: str, split: str | None, split_help: str = "the split read"
     p.add_argument("--streaming", action="store_true",
                    help="read a hub id in place from the hub's parquet files instead of downloading it with "
                         "datasets.load_dataset (default: off)")
+    p.add_argument("--columns", default=None, metavar="FIELD=COLUMN,...",
+                   help="the data is a user's own, not Pick-a-Pic's schema: which column holds each field, as "
+                        "training's data.columns (data.format=columns): prompt, image_0 + image_1 with label or "
+                        "label_0[,label_1], or chosen + rejected; user_id; e.g. prompt=text,chosen=win,"
+                        "rejected=lose,user_id=worker (default: Pick-a-Pic's columns)")
+
+
+def data_columns(args):
+    """The ColumnMap of --columns (None: Pick-a-Pic's schema); a bad mapping is a UsageError."""
+    if not getattr(args, "columns", None):
+        return None
+    from ppd_engine.data.columns import ColumnMap
+
+    mapping = {}
+    for item in args.columns.split(","):
+        field_, sep, column = item.partition("=")
+        if not sep or not field_.strip() or not column.strip():
+            raise UsageError(f"--columns {args.columns!r}: each entry is FIELD=COLUMN, got {item!r}")
+        mapping[field_.strip()] = column.strip()
+    try:
+        return ColumnMap.parse(mapping, key="--columns")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def quiet_library_bars() -> None:

@@ -17,7 +17,8 @@ import os
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ppd_engine.cli.common import DefaultsFormatter, UsageError, add_data, add_debug, add_progress, cli_errors
+from ppd_engine.cli.common import (DefaultsFormatter, UsageError, add_data, add_debug, add_progress, cli_errors,
+                                   data_columns)
 from ppd_engine.data.pickapic import PickAPicPairs, _decode, format_stats, load_pairs
 from ppd_engine.data.sources import file_identity
 from ppd_engine.files import write_json_atomic
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     pairs = load_pairs(args.data, min_pairs_per_user=args.min_pairs_per_user, split=args.split,
-                       streaming=args.streaming, load_images=False, progress=args.progress)
+                       streaming=args.streaming, columns=data_columns(args), load_images=False, progress=args.progress)
     bad = find_corrupt(pairs, workers=args.workers, memo=args.memo, progress=args.progress)
     print(format_stats(pairs.drop_corrupt(bad, args.min_pairs_per_user).stats))
     return 0

@@ -16,8 +16,8 @@ import tempfile
 import time
 
 from ppd_engine.cli.common import (
-    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype, add_progress, cli_errors, device_dtype,
-    resolve_device)
+    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_dtype, add_progress, cli_errors, data_columns,
+    device_dtype, resolve_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # The index only; the images of the few-shot pairs this rank embeds are read below.
     pairs = load_pairs(args.data, min_pairs_per_user=args.shots, max_users=args.max_users, split=args.split,
-                       streaming=args.streaming, load_images=False, progress=args.progress and env.is_main)
+                       streaming=args.streaming,
+                       columns=data_columns(args), load_images=False, progress=args.progress and env.is_main)
     shots, _ = pairs.few_shot_split(n_shots=args.shots, seed=args.seed)
     mine = sorted(shots)[env.rank::env.world_size]
     by_user = pairs.by_user()

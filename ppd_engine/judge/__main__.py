@@ -26,8 +26,8 @@ import sys
 import tempfile
 
 from ppd_engine.cli.common import (
-    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_judge, add_progress, cli_errors, make_judge_backend,
-    resolve_device)
+    DefaultsFormatter, UsageError, add_data, add_debug, add_device, add_judge, add_progress, cli_errors, data_columns,
+    make_judge_backend, resolve_device)
 from ppd_engine.files import write_json_atomic
 
 
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     # The index only: the bytes of the pairs judged and their users' shots are staged when needed.
     pairs = load_pairs(args.data, min_pairs_per_user=args.judge_shots, max_users=args.max_users,
-                       load_images=False, split=args.split, streaming=args.streaming, progress=args.progress)
+                       load_images=False, split=args.split, streaming=args.streaming,
+                       columns=data_columns(args), progress=args.progress)
     backend = make_judge_backend(args, resolve_device(args.device) if args.judge == "local" else "cpu")
     judge = Judge(backend, template=args.judge_template, seed=args.judge_seed)
     result = run_agreement(judge, pairs, args) if args.mode == "agreement" else run_winrate(judge, pairs, args)
