@@ -191,18 +191,11 @@ def wait_for_main(env: DistEnv, name: str) -> None:
 def key_barrier(env: DistEnv, name: str):
     """A barrier callable for work every rank does at its own pace (each rank's slice of the latent
     cache): each call waits until all ranks reached it, on store keys with no collective deadline
-    (the heartbeat still ends the ranks if a peer stops answering). Calls are numbered, so one
-    callable serves several barriers."""
-    calls = [0]
+    (the heartbeat still ends the ranks if a peer stops answering): an all_gather_str of nothing,
+    whose call count keeps successive barriers apart."""
 
     def wait() -> None:
-        if not env.distributed:
-            return
-        store = dist.distributed_c10d._get_default_store()
-        calls[0] += 1
-        keys = [f"ppd_all/{name}/{calls[0]}/{r}" for r in range(env.world_size)]
-        store.set(keys[env.rank], "1")
-        store.wait(keys, datetime.timedelta(days=7))
+        all_gather_str("", env, f"barrier/{name}")
 
     return wait
 
