@@ -239,6 +239,11 @@ class MissingPackageError(ImportError, ValueError):
     it as one line)."""
 
 
+def is_datasets_folder(folder: str | os.PathLike) -> bool:
+    """A folder `datasets.save_to_disk` wrote: a Dataset (state.json) or a DatasetDict (dataset_dict.json)."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("dataset_dict.json", "state.json"))
+
+
 def _need_datasets(what: str):
     try:
         import datasets
@@ -302,7 +307,7 @@ def resolve(folder: str, split: str | None, stats: Counter, *, streaming: bool =
             return [folder]
         raise DataFileError(f"{folder}: not a .parquet file, a folder of them or a `datasets` folder")
     if os.path.isdir(folder):
-        if os.path.isfile(os.path.join(folder, "dataset_dict.json")) or os.path.isfile(os.path.join(folder, "state.json")):
+        if is_datasets_folder(folder):
             return _saved_dataset(folder, split, stats)
         return _local_parquet(folder, split, stats, lenient)
     # owner/name is a hub id, unless "owner" is a folder here (a mistyped local path, not a download).

@@ -86,16 +86,12 @@ def _parquet_files(folder: Path) -> list[Path]:
     return unique or files
 
 
-def _is_datasets_folder(folder: Path) -> bool:
-    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
-
-
 def _caption_batches(folder: str, stats) -> Iterator[tuple[str, object]]:
     """(file name, caption column or the error reading it) for each file the captions come from."""
-    from ppd_engine.data.sources import open_source, resolve
+    from ppd_engine.data.sources import is_datasets_folder, open_source, resolve
 
     path = Path(folder)
-    if path.is_dir() and not _is_datasets_folder(path):
+    if path.is_dir() and not is_datasets_folder(path):
         import pyarrow.parquet as pq
 
         files = _parquet_files(path)
