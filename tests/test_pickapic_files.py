@@ -263,3 +263,18 @@ def test_staging_images_copies_them_to_a_local_file_a_batch_at_a_time(tmp_path):
     assert [(g.image_w, g.image_l) for g in got] == [(w.image_w, w.image_l) for w in want]
     with pytest.raises(ValueError, match="must end in .arrow"):
         pairs.stage_images(records[:2], str(tmp_path / "shots.bin"))
+
+
+def test_with_images_opens_each_file_once_across_calls(tmp_path, monkeypatch):
+    """embed and the judge call with_images once per batch / user; the pairs' one reader keeps the
+    files it opened (a new reader per call reopened and re-indexed every file each time)."""
+    import ppd_engine.data.pickapic as pickapic
+
+    write_pickapic_fixture(str(tmp_path))
+    pairs = load_pairs(str(tmp_path), load_images=False, progress=False, min_pairs_per_user=1)
+    opened = []
+    real = pickapic.open_source
+    monkeypatch.setattr(pickapic, "open_source", lambda name: opened.append(name) or real(name))
+    for i in range(0, len(pairs.records), 3):
+        pairs.with_images(pairs.records[i:i + 3])
+    assert sorted(opened) == sorted(pairs.sources) and len(pairs.sources) == 2

@@ -97,6 +97,7 @@ class PickAPicPairs:
     stats: dict = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     columns: "ColumnMap | None" = None                        # data.format=columns: the user's column map
+    _reader: "PairImageReader | None" = field(default=None, repr=False, compare=False)
 
     def by_user(self) -> dict[str, list[PairRecord]]:
         """user_id -> that user's records in record order; users sorted by id."""
@@ -131,8 +132,11 @@ class PickAPicPairs:
         return self
 
     def image_reader(self) -> "PairImageReader":
-        """A picklable reader of these records' JPEG bytes (reopens files in each process)."""
-        return PairImageReader(self.sources, self.columns)
+        """The picklable reader of these records' JPEG bytes (reopens files in each process). One per
+        pairs object, so files it opened stay open across with_images calls."""
+        if self._reader is None:
+            self._reader = PairImageReader(self.sources, self.columns)
+        return self._reader
 
     def with_images(self, records: list[PairRecord]) -> list[PairRecord]:
         """Copies of `records` holding their JPEG bytes (read row group by row group), same order."""
