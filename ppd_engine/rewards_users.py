@@ -228,12 +228,6 @@ def relabel(records: Sequence, scores: Mapping[str, Mapping[str, np.ndarray]], u
     return out, counts
 
 
-_RELABELLED_SCHEMA = (("caption", "string"), ("label_0", "float64"), ("label_1", "float64"), ("user_id", "string"),
-                      ("are_different", "bool_"), ("has_label", "bool_"), ("image_0_uid", "string"),
-                      ("image_1_uid", "string"), ("ranking_id", "string"), ("best_image_uid", "string"),
-                      ("jpg_0", "binary"), ("jpg_1", "binary"))
-
-
 def write_relabelled(labelled: Sequence[tuple[object, str, bool]], out_dir: str | os.PathLike,
                      images: Callable[[list], Iterator] = record_images, rows_per_file: int = 4096,
                      rows_per_group: int = 256) -> list[str]:
@@ -248,7 +242,10 @@ def write_relabelled(labelled: Sequence[tuple[object, str, bool]], out_dir: str 
 
     from ppd_engine.files import atomic_path
 
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _RELABELLED_SCHEMA])
+    text, flag, score, jpg = pa.string(), pa.bool_(), pa.float64(), pa.binary()
+    schema = pa.schema([("caption", text), ("label_0", score), ("label_1", score), ("user_id", text),
+                        ("are_different", flag), ("has_label", flag), ("image_0_uid", text), ("image_1_uid", text),
+                        ("ranking_id", text), ("best_image_uid", text), ("jpg_0", jpg), ("jpg_1", jpg)])
     data = Path(out_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
     label = {r.pair_id: (u, fl) for r, u, fl in labelled}
